@@ -1,0 +1,31 @@
+"""edgecomp: an edge-deployment compiler for compressed neural networks.
+
+ONNX in; graph passes checked against ONNX Runtime; Apache TVM (Relax) code for the target; a
+verified, checksummed bundle out. One call does the main job::
+
+    import edgecomp
+    edgecomp.build("model.onnx", target="arm64", input_shapes={"input": (1, 3, 224, 224)})
+"""
+
+from edgecomp.api import BuildResult, build, inspect_model, run_bundle
+from edgecomp.bundle import Bundle, load_bundle
+from edgecomp.errors import BundleError, EdgecompError, InputError, NumericsError, UnsupportedModelError
+from edgecomp.numerics import Tolerance
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build",
+    "inspect_model",
+    "run_bundle",
+    "load_bundle",
+    "Bundle",
+    "BuildResult",
+    "Tolerance",
+    "EdgecompError",
+    "InputError",
+    "UnsupportedModelError",
+    "NumericsError",
+    "BundleError",
+    "__version__",
+]

@@ -1,0 +1,334 @@
+"""The public calls: ``build``, ``inspect_model``, ``run_bundle``.
+
+``build`` is the main job: import → passes (each checked against ONNX Runtime) → Relax →
+compiled code for the target → verified bundle. Loading, saving and progress live here; the
+passes and targets it calls do no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgecomp import bundle as bundle_fmt
+from edgecomp.errors import EdgecompError, InputError, NumericsError, UnsupportedModelError
+from edgecomp.examples import Example, get_example
+from edgecomp.importer import TensorSpec, fix_input_shapes, graph_inputs, graph_outputs, load_onnx, sha256_file
+from edgecomp.numerics import Comparison, Samples, Tolerance, compare, run_ort
+from edgecomp.passes import make_passes
+from edgecomp.pipeline import PassRecord, run_pipeline
+from edgecomp.progress import Progress
+from edgecomp.reference import load_samples_npz, random_samples, samples_from_arrays, stack_samples
+from edgecomp.report import render_report
+from edgecomp.summary import ModelSummary, summarize
+from edgecomp.targets import Target, get_target
+from edgecomp.targets.lowering import compile_relax, elf_arch, export_library, to_relax
+
+__all__ = ["BuildResult", "build", "inspect_model", "run_bundle", "tool_versions"]
+
+log = logging.getLogger(__name__)
+
+_TOOLS = ("edgecomp", "apache-tvm", "apache-tvm-ffi", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
+
+
+def tool_versions(target: Target | None = None) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in _TOOLS:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    if target is not None and target.cross_compiler:
+        try:
+            out = subprocess.run([target.cross_compiler, "--version"], capture_output=True, text=True, timeout=30)
+            versions[target.cross_compiler] = out.stdout.splitlines()[0] if out.stdout else "unknown"
+        except (OSError, subprocess.SubprocessError):
+            versions[target.cross_compiler] = "not found"
+    return versions
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """What ``build`` made: the bundle's path, its manifest, and the checks it passed."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def verification(self) -> dict[str, Any]:
+        return self.manifest["verification"]
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "bundle": str(self.path),
+            "target": m["target"]["name"],
+            "code_arch": m["target"]["arch"],
+            "files": m["files"],
+            "passes": [{"name": p["name"], "modified": p["modified"], "numerics_ok": p["numerics"]["ok"]} for p in m["passes"]],
+            "verification": m["verification"],
+        }
+
+
+def _resolve_model(model: str | os.PathLike | None, example: str | None) -> tuple[Path, Example | None]:
+    if example is not None:
+        if model is not None:
+            raise InputError("give either a model file or --example, not both")
+        ex = get_example(example)
+        return ex.model_path, ex
+    if model is None:
+        raise InputError("no model given (pass MODEL.onnx, or --example digits)")
+    return Path(model), None
+
+
+def _reference_samples(
+    specs: list[TensorSpec], reference_inputs: str | os.PathLike | dict | None, example: Example | None, count: int
+) -> tuple[Samples, str]:
+    if isinstance(reference_inputs, dict):
+        return samples_from_arrays(reference_inputs, specs, "reference inputs")[:count], "given arrays"
+    if reference_inputs is not None:
+        return load_samples_npz(reference_inputs, specs)[:count], str(reference_inputs)
+    if example is not None:
+        x, _ = _batched(example, "test", specs[0])
+        return samples_from_arrays({specs[0].name: x[:count]}, specs, "example"), f"example {example.name}: test split"
+    return random_samples(specs, count=count, seed=0), "random (seed 0)"
+
+
+def _batched(example: Example, split: str, spec: TensorSpec) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled split grouped into samples of the model's batch size: x [K, B, ...], y [K, B]."""
+    x, y = example.split(split)
+    batch = int(spec.shape[0])
+    n = (len(x) // batch) * batch
+    return x[:n].reshape(n // batch, batch, *x.shape[1:]), y[:n].reshape(n // batch, batch)
+
+
+def _evaluate_example(example: Example, specs: list[TensorSpec], run_fn, original_model) -> dict[str, Any]:
+    """Accuracy of the compiled code and of ORT on the original model, on the labelled test split."""
+    x, y = _batched(example, "test", specs[0])
+    y = y.reshape(-1)
+    samples = samples_from_arrays({specs[0].name: x}, specs, "example test split")
+    out_name = [o.name for o in graph_outputs(original_model)][:1]
+    ort_pred = np.concatenate([np.argmax(o[0], axis=-1) for o in run_ort(original_model, samples, out_name)])
+    got_pred = np.concatenate([np.argmax(o[0], axis=-1) for o in run_fn(samples)])
+    return {
+        "dataset": f"example {example.name}: test split",
+        "samples": int(len(y)),
+        "ort_accuracy": float(np.mean(ort_pred == y)),
+        "compiled_accuracy": float(np.mean(got_pred == y)),
+        "predictions_identical": bool(np.array_equal(ort_pred, got_pred)),
+    }
+
+
+def build(
+    model: str | os.PathLike | None = None,
+    target: str = "host",
+    output: str | os.PathLike | None = None,
+    *,
+    example: str | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    passes: str | Sequence[str] | None = None,
+    reference_inputs: str | os.PathLike | dict | None = None,
+    num_samples: int = 8,
+    tolerance: Tolerance = Tolerance(),
+    force: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Compile an ONNX model into a verified bundle for ``target``.
+
+    Args:
+        model: path of the ONNX file (or None with ``example``).
+        target: a registered target name (``edgecomp targets``).
+        output: bundle directory (or ``.tar``); default ``<model>-<target>`` in the current folder.
+        example: build a shipped example model instead of a file (``"digits"``).
+        input_shapes: static shapes for dynamic inputs, ``{"input": (1, 3, 224, 224)}``.
+        passes: pass names (``"fold,dce"``, ``"none"``); default: the cleanup pipeline.
+        reference_inputs: ``.npz`` (or dict) of real inputs to check numerics on; default random.
+        num_samples: how many reference samples to check every stage on.
+        tolerance: what counts as matching ONNX Runtime, for passes and compiled code alike.
+        force: replace an existing output.
+    Raises:
+        EdgecompError: bad input (exit 2) or numerics past tolerance (``NumericsError``, exit 1).
+    """
+    progress = progress or Progress(enabled=False)
+    tgt = get_target(target)
+    model_path, ex = _resolve_model(model, example)
+    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    if ex is not None:
+        shapes = {**ex.input_shapes, **shapes}
+    pass_list = make_passes(passes)
+    if num_samples < 1:
+        raise InputError("--samples must be at least 1")
+    out = Path(output) if output is not None else Path(f"{model_path.stem}-{tgt.name}")
+    bundle_fmt.check_output_path(out, force, protect=[model_path])
+
+    with progress.stage(f"importing {model_path.name}"):
+        original = load_onnx(model_path)
+        fixed = fix_input_shapes(original, shapes)
+        in_specs = graph_inputs(fixed)
+        out_names = [o.name for o in graph_outputs(original)]
+        samples, sample_source = _reference_samples(in_specs, reference_inputs, ex, num_samples)
+        reference = run_ort(original, samples, out_names)
+
+    final, records = run_pipeline(fixed, pass_list, samples, reference, out_names, tolerance, progress)
+
+    with bundle_fmt.staged_output(out, force=force, protect=[model_path]) as stage:
+        with progress.stage("importing into TVM Relax"):
+            relax_model = to_relax(final, {s.name: s.shape for s in in_specs}, {s.name: s.dtype for s in in_specs})
+        with progress.stage(f"compiling for {tgt.name} ({tgt.target_dict()})"):
+            executable = compile_relax(relax_model, tgt)
+        with progress.stage(f"linking {bundle_fmt.CODE}" + (f" with {tgt.cross_compiler}" if tgt.cross_compiler else "")):
+            export_library(executable, stage / bundle_fmt.CODE, tgt)
+            arch = elf_arch(stage / bundle_fmt.CODE)
+            if arch != tgt.arch:
+                raise UnsupportedModelError(f"linked {bundle_fmt.CODE} is {arch} code, expected {tgt.arch}")
+
+        weights = {f"p{i:04d}": np.ascontiguousarray(v) for i, v in enumerate(relax_model.params)}
+        bundle_fmt.save_npz(stage / bundle_fmt.WEIGHTS, weights)
+        bundle_fmt.save_npz(stage / bundle_fmt.REF_INPUTS, stack_samples([s.name for s in in_specs], [[f[s.name] for s in in_specs] for f in samples]))
+        bundle_fmt.save_npz(stage / bundle_fmt.REF_OUTPUTS, stack_samples(out_names, reference))
+
+        manifest: dict[str, Any] = {
+            "format": bundle_fmt.FORMAT,
+            "format_version": bundle_fmt.FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": model_path.stem, "path": str(model_path), "sha256": sha256_file(model_path), "example": example},
+            "target": {
+                "name": tgt.name,
+                "family": tgt.family,
+                "arch": tgt.arch,
+                "tvm_target": tgt.target_dict(),
+                "cross_compiler": tgt.cross_compiler,
+                "device_key": tgt.device_key,
+            },
+            "inputs": [s.to_json() for s in in_specs],
+            "outputs": [
+                TensorSpec(n, tuple(int(d) for d in reference[0][i].shape), reference[0][i].dtype.name).to_json()
+                for i, n in enumerate(out_names)
+            ],
+            "params": [
+                {"key": k, "name": n, "shape": list(v.shape), "dtype": v.dtype.name}
+                for (k, v), n in zip(weights.items(), relax_model.param_names)
+            ],
+            "runtime": {
+                "entry": "main",
+                "code": bundle_fmt.CODE,
+                "weights": bundle_fmt.WEIGHTS,
+                "calling_convention": "main(*inputs, *params) with params in manifest order",
+                "executor": "relax.VirtualMachine",
+            },
+            "reference": {"inputs": bundle_fmt.REF_INPUTS, "outputs": bundle_fmt.REF_OUTPUTS, "source": sample_source, "samples": len(samples)},
+            "tolerance": tolerance.to_json(),
+            "tools": tool_versions(tgt),
+            "passes": [r.to_json() for r in records],
+        }
+
+        # Verify the compiled code against ORT on the original model.
+        with progress.stage("verifying compiled code against ONNX Runtime"):
+            if tgt.runs_on_this_machine:
+                staged = bundle_fmt.Bundle(stage, manifest)
+                run_fn = staged.run
+                ran = f"the bundle's {bundle_fmt.CODE} on this machine ({platform.machine()})"
+            else:
+                from edgecomp.targets import get_target as _get
+
+                host_exe = compile_relax(relax_model, _get("host"))
+                run_fn = _vm_runner(host_exe, relax_model.params, in_specs)
+                ran = (
+                    f"the same Relax module compiled for this host ({platform.machine()}); the "
+                    f"{tgt.arch} code itself was not executed here"
+                )
+            got = run_fn(samples)
+            check: Comparison = compare(out_names, reference, got, tolerance)
+            verification: dict[str, Any] = {"ran": ran, "numerics": check.to_json()}
+            if ex is not None:
+                verification["evaluation"] = _evaluate_example(ex, in_specs, run_fn, original)
+            progress.note(f"compiled vs ONNX Runtime: {check.summary()}")
+        if not check.ok:
+            raise NumericsError(f"compiled code does not match ONNX Runtime: {'; '.join(check.failures)}")
+        manifest["verification"] = verification
+
+        pre = dict(manifest)
+        pre["files"] = {
+            rel: {"bytes": (stage / rel).stat().st_size} for rel in bundle_fmt._files(stage)
+        }
+        (stage / bundle_fmt.REPORT).write_text(render_report(pre))
+        manifest = bundle_fmt.finalize_manifest(stage, manifest)
+    progress.note(f"bundle written to {out}")
+    return BuildResult(out, manifest)
+
+
+def _vm_runner(executable, params: list[np.ndarray], in_specs: list[TensorSpec]):
+    """A ``run(samples)`` function over an in-memory executable for this host."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    tparams = [tvm.runtime.tensor(p) for p in params]
+
+    def run(samples: Samples) -> list[list[np.ndarray]]:
+        results = []
+        for feed in samples:
+            args = [tvm.runtime.tensor(np.ascontiguousarray(feed[s.name])) for s in in_specs]
+            results.append(bundle_fmt._flatten(vm["main"](*args, *tparams)))
+        return results
+
+    return run
+
+
+def inspect_model(
+    model: str | os.PathLike | None = None,
+    *,
+    example: str | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+) -> ModelSummary:
+    """Summarize an ONNX model: I/O, op histogram, parameters, per-layer MACs/FLOPs."""
+    model_path, ex = _resolve_model(model, example)
+    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    if ex is not None:
+        shapes = {**ex.input_shapes, **shapes}
+    return summarize(load_onnx(model_path), shapes)
+
+
+def run_bundle(path: str | os.PathLike, inputs: str | os.PathLike | dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Run a bundle on this machine (checksums verified first).
+
+    ``inputs``: ``.npz`` path or dict, one array per input name, each of the input's shape or a
+    stack of samples along a new leading axis (outputs are stacked the same way). Default: the
+    bundle's reference inputs.
+    """
+    b = bundle_fmt.load_bundle(path)
+    try:
+        specs = b.inputs
+        if inputs is None:
+            arrays, _ = b.reference()
+            samples = samples_from_arrays(arrays, specs, "reference inputs")
+            stacked = True
+        else:
+            if isinstance(inputs, dict):
+                arrays, source = inputs, "inputs"
+            else:
+                if not os.path.isfile(inputs):
+                    raise InputError(f"input file not found: {inputs}")
+                try:
+                    with np.load(inputs, allow_pickle=False) as data:
+                        arrays = {k: data[k] for k in data.files}
+                except Exception as err:
+                    raise InputError(f"{inputs} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
+                source = str(inputs)
+            stacked = any(np.asarray(arrays.get(s.name)).ndim == len(s.shape) + 1 for s in specs)
+            samples = samples_from_arrays(arrays, specs, source)
+        results = b.run(samples)
+        names = [o.name for o in b.outputs]
+        out = stack_samples(names, results)
+        return out if stacked else {k: v[0] for k, v in out.items()}
+    finally:
+        b.close()

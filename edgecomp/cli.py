@@ -1,0 +1,241 @@
+"""The ``edgecomp`` command (thin: parsing and printing; the work is in ``edgecomp.api``).
+
+Exit codes: 0 success, 1 numerics past tolerance, 2 bad input / unsupported model / bad bundle,
+3 internal error (a bug: rerun with ``--debug`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"edgecomp: error: {message} (see 'edgecomp --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON result on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+def _shapes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=D1,D2,...",
+        default=[],
+        help="static shape of a (dynamic) input, e.g. input=1,3,224,224; repeat per input",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from edgecomp.passes import DEFAULT_PASSES, PASSES
+
+    parser = _Parser(prog="edgecomp", description="Compile ONNX models into verified edge-device bundles (TVM).")
+    parser.add_argument("--version", action="version", version=f"edgecomp {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="compile a model into a verified bundle")
+    b.add_argument("model", nargs="?", help="ONNX model file")
+    b.add_argument("--example", help="build a shipped example instead of a file (digits)")
+    b.add_argument("-t", "--target", default="host", help="target name (see 'edgecomp targets'); default host")
+    b.add_argument("-o", "--output", help="bundle directory or .tar (default: <model>-<target>)")
+    _shapes(b)
+    b.add_argument(
+        "--passes",
+        help=f"comma-separated passes ({', '.join(PASSES)}) or 'none'; default {','.join(DEFAULT_PASSES)}",
+    )
+    b.add_argument("--reference-inputs", metavar="NPZ", help="real inputs to check numerics on (default: random)")
+    b.add_argument("--samples", type=int, default=8, help="reference samples to check each stage on (default 8)")
+    b.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance vs ONNX Runtime (default 1e-4)")
+    b.add_argument("--rtol", type=float, default=1e-5, help="tolerance relative to max|output| (default 1e-5)")
+    b.add_argument("--min-cosine", type=float, default=0.9999, help="minimum cosine per sample (default 0.9999)")
+    b.add_argument("--min-top1", type=float, default=1.0, help="minimum top-1 agreement for classifiers (default 1.0)")
+    b.add_argument("-f", "--force", action="store_true", help="replace an existing output")
+    _common(b)
+
+    i = sub.add_parser("inspect", help="inputs/outputs, op histogram, parameters, FLOPs per layer")
+    i.add_argument("model", nargs="?", help="ONNX model file")
+    i.add_argument("--example", help="inspect a shipped example instead of a file")
+    _shapes(i)
+    _common(i)
+
+    r = sub.add_parser("run", help="run a bundle on this machine")
+    r.add_argument("bundle", help="bundle directory or .tar")
+    r.add_argument("--input", help=".npz with one array per input name (default: the bundle's reference inputs)")
+    r.add_argument("--output", help="write the outputs to this .npz")
+    _common(r)
+
+    t = sub.add_parser("targets", help="list registered targets and their TVM target dicts")
+    _common(t)
+    return parser
+
+
+def _version() -> str:
+    from edgecomp import __version__
+
+    return __version__
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _cmd_build(args: argparse.Namespace, progress) -> int:
+    from edgecomp.api import build
+    from edgecomp.importer import parse_input_shapes
+    from edgecomp.numerics import Tolerance
+
+    result = build(
+        args.model,
+        target=args.target,
+        output=args.output,
+        example=args.example,
+        input_shapes=parse_input_shapes(args.input_shape),
+        passes=args.passes,
+        reference_inputs=args.reference_inputs,
+        num_samples=args.samples,
+        tolerance=Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, min_top1=args.min_top1),
+        force=args.force,
+        progress=progress,
+    )
+    if args.json:
+        _print_json(result.to_json())
+        return 0
+    m = result.manifest
+    v = m["verification"]
+    print(f"bundle: {result.path}  ({m['target']['name']}, {m['target']['arch']} code)")
+    for rel, info in m["files"].items():
+        print(f"  {rel:<24} {info['bytes']:>10,} B")
+    print(f"verified: {v['ran']}")
+    for o in v["numerics"]["outputs"]:
+        top1 = f", top-1 agreement {o['top1']:.3f}" if o.get("top1") is not None else ""
+        print(f"  {o['name']}: max abs error {o['max_abs']:.2e}, min cosine {o['min_cosine']:.6f}{top1}")
+    if "evaluation" in v:
+        e = v["evaluation"]
+        print(
+            f"  {e['dataset']}: accuracy {e['compiled_accuracy']:.4f} compiled vs {e['ort_accuracy']:.4f} "
+            f"ONNX Runtime ({e['samples']} samples)"
+        )
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace, progress) -> int:
+    from edgecomp.api import inspect_model
+    from edgecomp.importer import parse_input_shapes
+
+    with progress.stage("reading model"):
+        s = inspect_model(args.model, example=args.example, input_shapes=parse_input_shapes(args.input_shape))
+    if args.json:
+        _print_json(s.to_json())
+        return 0
+    print(f"opset {s.opset}, {s.nodes} nodes")
+    for kind, specs in (("input", s.inputs), ("output", s.outputs)):
+        for spec in specs:
+            print(f"{kind:<7} {spec['name']:<20} {spec['dtype']:<8} {spec['shape']}")
+    if s.assumed_dims:
+        print(f"(FLOPs assume {', '.join(f'{k}={v}' for k, v in s.assumed_dims.items())}; set --input-shape)")
+    print(f"parameters: {s.params:,} in {s.initializers} initializers, {s.param_bytes:,} bytes"
+          + (f" (+{s.constant_params:,} in Constant nodes)" if s.constant_params else ""))
+    print("ops: " + ", ".join(f"{op} {n}" for op, n in s.ops.items()))
+    if s.layers:
+        print(f"\n{'layer':<28} {'op':<8} {'weight':<18} {'output':<18} {'params':>10} {'MFLOPs':>10}")
+        for layer in s.layers:
+            fl = f"{layer.flops / 1e6:.3f}" if layer.flops is not None else "?"
+            print(f"{layer.node[:28]:<28} {layer.op:<8} {str(layer.weight_shape):<18} {str(layer.output_shape):<18} {layer.params:>10,} {fl:>10}")
+        print(f"{'total':<28} {'':<8} {'':<18} {'':<18} {sum(l.params for l in s.layers):>10,} {2 * s.total_macs / 1e6:>10.3f}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, progress) -> int:
+    import numpy as np
+
+    from edgecomp.api import run_bundle
+
+    with progress.stage(f"running {args.bundle}"):
+        outputs = run_bundle(args.bundle, args.input)
+    if args.output:
+        tmp = f"{args.output}.tmp-{os.getpid()}.npz"
+        try:
+            np.savez(tmp, **outputs)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if args.json:
+        _print_json({k: {"shape": list(v.shape), "dtype": v.dtype.name, "values": v.tolist()} for k, v in outputs.items()})
+        return 0
+    for k, v in outputs.items():
+        summary = np.array2string(v.reshape(-1)[:10], precision=4, separator=", ")
+        print(f"{k}: shape {list(v.shape)} {v.dtype}, first values {summary}")
+    if args.output:
+        print(f"outputs written to {args.output}")
+    return 0
+
+
+def _cmd_targets(args: argparse.Namespace, progress) -> int:
+    from edgecomp.targets import list_targets
+
+    rows = [
+        {
+            "name": t.name,
+            "arch": t.arch,
+            "family": t.family,
+            "tvm_target": t.target_dict(),
+            "cross_compiler": t.cross_compiler,
+            "runs_here": t.runs_on_this_machine,
+            "description": t.description,
+        }
+        for t in list_targets()
+    ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']:<8} {r['arch']:<8} {json.dumps(r['tvm_target'])}")
+        extra = f"; linked with {r['cross_compiler']}" if r["cross_compiler"] else ""
+        print(f"{'':<8} {r['description']}{extra}")
+    return 0
+
+
+_COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "run": _cmd_run, "targets": _cmd_targets}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="edgecomp: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from edgecomp.errors import EdgecompError
+    from edgecomp.progress import Progress
+
+    progress = Progress(enabled=not args.quiet)
+    try:
+        return _COMMANDS[args.command](args, progress)
+    except EdgecompError as err:
+        print(f"edgecomp: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("edgecomp: interrupted; nothing was left behind", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: one line unless --debug
+        if args.debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"edgecomp: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 3

@@ -1,0 +1,140 @@
+"""ONNX → Relax → compiled code, with weights kept apart from the code.
+
+``from_onnx(keep_params_in_input=True)`` + ``detach_params`` turn every initializer into a
+parameter of ``main``: the compiled library holds only code, and the weights live in the bundle's
+weights file, passed at call time as ``main(*inputs, *params)``. Import failures name the ONNX node
+and op that TVM could not convert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgecomp.errors import InputError, UnsupportedModelError
+from edgecomp.targets.base import ELF_MACHINES, Target
+
+__all__ = ["RelaxModel", "unsupported_nodes", "to_relax", "compile_relax", "export_library", "elf_arch"]
+
+log = logging.getLogger(__name__)
+
+
+class RelaxModel:
+    """A Relax module whose ``main`` takes ``(*inputs, *params)``, and the params' values."""
+
+    def __init__(self, mod: Any, param_names: list[str], params: list[np.ndarray]) -> None:
+        self.mod = mod
+        self.param_names = param_names
+        self.params = params
+
+
+def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node name, op type) of every main-graph node TVM's ONNX importer has no converter for."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"If", "Constant"}
+    return [(n.name or n.output[0], n.op_type) for n in model.graph.node if n.op_type not in known]
+
+
+@contextlib.contextmanager
+def _track_current_node():
+    """Record which node TVM's importer is converting, so a failure can name it.
+
+    TVM's importer has no hook for this; we wrap its ``_convert_operator`` for the duration of
+    one import (restored afterwards) and silence the line it prints on errors.
+    """
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    cls = onnx_frontend.ONNXGraphImporter
+    original = cls._convert_operator
+    current: dict[str, str] = {}
+
+    def wrapper(self, op_name, inputs, attrs, opset):  # noqa: ANN001
+        current["op"] = op_name
+        current["node"] = str(attrs.get("tvm_custom", {}).get("name", "?"))
+        return original(self, op_name, inputs, attrs, opset)
+
+    cls._convert_operator = wrapper
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield current
+    finally:
+        cls._convert_operator = original
+
+
+def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], input_dtypes: dict[str, str]) -> RelaxModel:
+    """Import a static-shape ONNX model into Relax with its weights detached."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    bad = unsupported_nodes(model)
+    if bad:
+        node, op = bad[0]
+        more = f" (and {len(bad) - 1} more node(s): {', '.join(sorted({o for _, o in bad[1:]}))})" if len(bad) > 1 else ""
+        raise UnsupportedModelError(f"TVM cannot import node {node!r}: op {op!r} is not supported by its ONNX frontend{more}")
+    with _track_current_node() as current:
+        try:
+            mod = from_onnx(
+                model,
+                shape_dict={k: list(v) for k, v in input_shapes.items()},
+                dtype_dict=dict(input_dtypes),
+                keep_params_in_input=True,
+            )
+        except Exception as err:
+            msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+            where = f"node {current['node']!r} (op {current['op']!r})" if current else "the model"
+            raise UnsupportedModelError(f"TVM failed to import {where}: {msg}") from err
+    mod, params = relax.frontend.detach_params(mod)
+    values = [p.numpy() for p in params.get("main", [])]
+    n_inputs = len(mod["main"].params) - len(values)
+    names = [v.name for v in mod["main"].params[n_inputs:]]
+    return RelaxModel(mod, names, values)
+
+
+def compile_relax(relax_model: RelaxModel, target: Target):
+    """``tvm.compile`` for ``target`` with its default pipeline; returns the VM executable."""
+    import tvm
+    from tvm import relax
+
+    try:
+        return tvm.compile(relax_model.mod, target=target.tvm(), relax_pipeline=relax.get_pipeline(target.default_pipeline))
+    except Exception as err:
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        raise UnsupportedModelError(f"TVM failed to compile for {target.name}: {msg}") from err
+
+
+def export_library(executable: Any, path: str | os.PathLike, target: Target) -> None:
+    """Link the executable into a shared object for the target's machine."""
+    import tvm
+
+    if target.cross_compiler is None:
+        executable.export_library(str(path))
+        return
+    if shutil.which(target.cross_compiler) is None:
+        pkgs = " ".join(target.apt_packages)
+        raise InputError(
+            f"target {target.name} needs the cross compiler {target.cross_compiler}, which is not "
+            f"installed (Debian: apt-get install {pkgs})"
+        )
+    executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(target.cross_compiler))
+
+
+def elf_arch(path: str | os.PathLike) -> str | None:
+    """CPU architecture of an ELF file, from its header (None if not ELF)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    little = head[5] == 1
+    machine = int.from_bytes(head[18:20], "little" if little else "big")
+    for arch, code in ELF_MACHINES.items():
+        if code == machine:
+            return arch
+    return f"elf-machine-{machine}"

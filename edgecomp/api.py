@@ -191,7 +191,7 @@ def build(
             if arch != tgt.arch:
                 raise UnsupportedModelError(f"linked {bundle_fmt.CODE} is {arch} code, expected {tgt.arch}")
 
-        weights = {f"p{i:04d}": np.ascontiguousarray(v) for i, v in enumerate(relax_model.params)}
+        weights = {f"p{i:04d}": np.asarray(v, order="C") for i, v in enumerate(relax_model.params)}
         bundle_fmt.save_npz(stage / bundle_fmt.WEIGHTS, weights)
         bundle_fmt.save_npz(stage / bundle_fmt.REF_INPUTS, stack_samples([s.name for s in in_specs], [[f[s.name] for s in in_specs] for f in samples]))
         bundle_fmt.save_npz(stage / bundle_fmt.REF_OUTPUTS, stack_samples(out_names, reference))
@@ -277,7 +277,7 @@ def _vm_runner(executable, params: list[np.ndarray], in_specs: list[TensorSpec])
     def run(samples: Samples) -> list[list[np.ndarray]]:
         results = []
         for feed in samples:
-            args = [tvm.runtime.tensor(np.ascontiguousarray(feed[s.name])) for s in in_specs]
+            args = [tvm.runtime.tensor(np.asarray(feed[s.name], order="C")) for s in in_specs]
             results.append(bundle_fmt._flatten(vm["main"](*args, *tparams)))
         return results
 

@@ -192,7 +192,7 @@ class Bundle:
         vm, params = self._runtime()
         results = []
         for feed in samples:
-            args = [tvm.runtime.tensor(np.ascontiguousarray(feed[s.name])) for s in self.inputs]
+            args = [tvm.runtime.tensor(np.asarray(feed[s.name], order="C")) for s in self.inputs]
             out = vm[self.manifest["runtime"]["entry"]](*args, *params)
             results.append(_flatten(out))
         return results

@@ -70,7 +70,7 @@ def samples_from_arrays(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpe
     k = next(iter(counts.values()), 0)
     if k == 0:
         raise InputError(f"{source}: holds no samples")
-    return [{n: np.ascontiguousarray(arrays[n][i]) for n in names} for i in range(k)]
+    return [{n: np.asarray(arrays[n][i], order="C") for n in names} for i in range(k)]
 
 
 def load_samples_npz(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> Samples:

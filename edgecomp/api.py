@@ -27,7 +27,7 @@ from edgecomp.numerics import Comparison, Samples, Tolerance, compare, run_ort
 from edgecomp.passes import make_passes
 from edgecomp.pipeline import PassRecord, run_pipeline
 from edgecomp.progress import Progress
-from edgecomp.reference import load_samples_npz, random_samples, samples_from_arrays, stack_samples
+from edgecomp.reference import load_npz, load_samples_npz, random_samples, samples_from_arrays, stack_samples
 from edgecomp.report import render_report
 from edgecomp.summary import ModelSummary, summarize
 from edgecomp.targets import Target, get_target
@@ -316,14 +316,7 @@ def run_bundle(path: str | os.PathLike, inputs: str | os.PathLike | dict[str, np
             if isinstance(inputs, dict):
                 arrays, source = inputs, "inputs"
             else:
-                if not os.path.isfile(inputs):
-                    raise InputError(f"input file not found: {inputs}")
-                try:
-                    with np.load(inputs, allow_pickle=False) as data:
-                        arrays = {k: data[k] for k in data.files}
-                except Exception as err:
-                    raise InputError(f"{inputs} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
-                source = str(inputs)
+                arrays, source = load_npz(inputs), str(inputs)
             stacked = any(np.asarray(arrays.get(s.name)).ndim == len(s.shape) + 1 for s in specs)
             samples = samples_from_arrays(arrays, specs, source)
         results = b.run(samples)

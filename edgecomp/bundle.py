@@ -69,8 +69,28 @@ def check_output_path(out: Path, force: bool, protect: list[Path] = ()) -> None:
     if out.exists() or out.is_symlink():
         if not force:
             raise InputError(f"output {out} already exists (pass --force to replace it)")
-        if out.suffix != ".tar" and not out.is_dir():
-            raise InputError(f"output {out} exists and is not a bundle directory; refusing to replace it")
+        if not _is_bundle(out):
+            kind = "a bundle .tar" if out.suffix == ".tar" else "a bundle directory"
+            raise InputError(f"output {out} exists and is not {kind}; refusing to replace it even with --force")
+
+
+def _is_bundle(path: Path) -> bool:
+    """An edgecomp bundle (or an empty folder): the only things ``--force`` may replace."""
+    if path.is_symlink():
+        return False
+    if path.suffix == ".tar":
+        if not path.is_file() or not tarfile.is_tarfile(path):
+            return False
+        with tarfile.open(path) as tar:
+            return MANIFEST in tar.getnames()
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager

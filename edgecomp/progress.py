@@ -58,7 +58,9 @@ class Progress:
                 ticker.join()
             dt = time.perf_counter() - t0
             self.timings.append((title, dt))
-            if self.enabled:
-                mark = "✓" if ok else "✗"
+            if self.enabled and ok:
                 prefix = "\r\033[K" if self.tty else ""
-                print(f"{prefix}{mark} {title} ({dt:.1f} s)", file=self.stream, flush=True)
+                print(f"{prefix}✓ {title} ({dt:.1f} s)", file=self.stream, flush=True)
+            elif self.tty:  # a failed stage: clear the ticker; the caller reports the error in one line
+                self.stream.write("\r\033[K")
+                self.stream.flush()

@@ -16,7 +16,7 @@ from edgecomp.errors import InputError
 from edgecomp.importer import TensorSpec
 from edgecomp.numerics import Samples
 
-__all__ = ["random_samples", "samples_from_arrays", "load_samples_npz", "stack_samples"]
+__all__ = ["random_samples", "samples_from_arrays", "load_npz", "load_samples_npz", "stack_samples"]
 
 
 def random_samples(specs: Sequence[TensorSpec], count: int = 8, seed: int = 0) -> Samples:
@@ -73,15 +73,19 @@ def samples_from_arrays(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpe
     return [{n: np.asarray(arrays[n][i], order="C") for n in names} for i in range(k)]
 
 
-def load_samples_npz(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> Samples:
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of a user's ``.npz`` (no pickles), or a one-line InputError."""
     if not os.path.isfile(path):
         raise InputError(f"input file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            return {k: data[k] for k in data.files}
     except Exception as err:
         raise InputError(f"{path} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
-    return samples_from_arrays(arrays, specs, str(path))
+
+
+def load_samples_npz(path: str | os.PathLike, specs: Sequence[TensorSpec]) -> Samples:
+    return samples_from_arrays(load_npz(path), specs, str(path))
 
 
 def stack_samples(names: Sequence[str], per_sample: list[list[np.ndarray]]) -> dict[str, np.ndarray]:

@@ -83,6 +83,7 @@ def test_staged_output_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     # An existing bundle survives a failed --force rebuild untouched.
     out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "edgecomp-bundle"}))
     (out / "keep").write_text("old")
     with pytest.raises(KeyboardInterrupt):
         with staged_output(out, force=True) as stage:

@@ -1,0 +1,45 @@
+"""Activations of inner values on calibration data, collected with ONNX Runtime.
+
+Data-aware passes (whitened SVD, sensitivity analysis) need what flows into a layer, not only its
+weights. The model is serialized with the wanted values added as graph outputs and run in memory;
+nothing touches the disk.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from edgecomp.numerics import Samples, run_ort
+
+__all__ = ["collect", "second_moments", "model_outputs"]
+
+
+def collect(model: ir.Model, names: Sequence[str], samples: Samples) -> dict[str, list[np.ndarray]]:
+    """Values named ``names`` (per sample) when ``model`` runs on ``samples``."""
+    proto = ir.serde.serialize_model(model)
+    have = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in have:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    results = run_ort(proto, samples, list(names))
+    return {name: [r[i] for r in results] for i, name in enumerate(names)}
+
+
+def second_moments(model: ir.Model, names: Sequence[str], samples: Samples) -> dict[str, np.ndarray]:
+    """For each value ``X`` (rows = all leading dims flattened): ``XᵀX / rows`` in float64."""
+    moments: dict[str, np.ndarray] = {}
+    values = collect(model, list(dict.fromkeys(names)), samples)
+    for name, per_sample in values.items():
+        rows = np.concatenate([v.reshape(-1, v.shape[-1]) for v in per_sample]).astype(np.float64)
+        moments[name] = rows.T @ rows / max(1, rows.shape[0])
+    return moments
+
+
+def model_outputs(model: ir.Model, samples: Samples) -> list[list[np.ndarray]]:
+    """The model's own outputs on ``samples`` (per sample, in graph output order)."""
+    proto = ir.serde.serialize_model(model)
+    return run_ort(proto, samples, [o.name for o in proto.graph.output])

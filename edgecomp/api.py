@@ -23,11 +23,14 @@ from edgecomp import bundle as bundle_fmt
 from edgecomp.errors import EdgecompError, InputError, NumericsError, UnsupportedModelError
 from edgecomp.examples import Example, get_example
 from edgecomp.importer import TensorSpec, fix_input_shapes, graph_inputs, graph_outputs, load_onnx, sha256_file
-from edgecomp.numerics import Comparison, Samples, Tolerance, compare, run_ort
-from edgecomp.passes import make_passes
+from edgecomp.numerics import DEFAULT_ACCURACY, Comparison, Samples, Tolerance, compare, run_ort
+from edgecomp.passes import PassContext, is_lossy, make_passes
+from edgecomp.passes.lowrank import LowRankConfig
+from edgecomp.passes.rank_selection import RankPolicy, parse_policy
 from edgecomp.pipeline import PassRecord, run_pipeline
 from edgecomp.progress import Progress
 from edgecomp.reference import load_npz, load_samples_npz, random_samples, samples_from_arrays, stack_samples
+from edgecomp.figures import bundle_html
 from edgecomp.report import render_report
 from edgecomp.summary import ModelSummary, summarize
 from edgecomp.targets import Target, get_target
@@ -103,6 +106,27 @@ def _reference_samples(
     return random_samples(specs, count=count, seed=0), "random (seed 0)"
 
 
+def _lowrank_config(lowrank: str | RankPolicy | LowRankConfig | None) -> LowRankConfig | None:
+    if lowrank is None or isinstance(lowrank, LowRankConfig):
+        return lowrank
+    policy = parse_policy(lowrank) if isinstance(lowrank, str) else lowrank
+    return LowRankConfig(policy=policy)
+
+
+def _calibration_samples(
+    specs: list[TensorSpec], calib: str | os.PathLike | dict | None, example: Example | None
+) -> tuple[Samples | None, str]:
+    """Calibration inputs for data-aware passes (never the samples the build is checked on)."""
+    if isinstance(calib, dict):
+        return samples_from_arrays(calib, specs, "calibration inputs"), "given arrays"
+    if calib is not None:
+        return load_samples_npz(calib, specs), str(calib)
+    if example is not None:
+        x, _ = _batched(example, "calib", specs[0])
+        return samples_from_arrays({specs[0].name: x}, specs, "example calib"), f"example {example.name}: calib split"
+    return None, "none"
+
+
 def _batched(example: Example, split: str, spec: TensorSpec) -> tuple[np.ndarray, np.ndarray]:
     """A labelled split grouped into samples of the model's batch size: x [K, B, ...], y [K, B]."""
     x, y = example.split(split)
@@ -139,6 +163,9 @@ def build(
     reference_inputs: str | os.PathLike | dict | None = None,
     num_samples: int = 8,
     tolerance: Tolerance = Tolerance(),
+    lowrank: str | RankPolicy | LowRankConfig | None = None,
+    calib: str | os.PathLike | dict | None = None,
+    accuracy: Tolerance | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> BuildResult:
@@ -153,7 +180,14 @@ def build(
         passes: pass names (``"fold,dce"``, ``"none"``); default: the cleanup pipeline.
         reference_inputs: ``.npz`` (or dict) of real inputs to check numerics on; default random.
         num_samples: how many reference samples to check every stage on.
-        tolerance: what counts as matching ONNX Runtime, for passes and compiled code alike.
+        tolerance: what counts as matching ONNX Runtime exactly: for exact passes (vs the stage
+            before) and for the compiled code (vs ORT on the final graph).
+        lowrank: low-rank factorization: a policy string (``"erank:1.0"``, ``"energy:0.95"``,
+            ``"budget:params=2x"``), a ``RankPolicy``, or a full ``LowRankConfig``.
+        calib: calibration inputs (``.npz`` or dict, same format as ``reference_inputs``) for
+            data-aware passes; default: the example's calibration split, else none.
+        accuracy: how far lossy passes may take the outputs from the original model
+            (default: cosine ≥ 0.98 per sample).
         force: replace an existing output.
     Raises:
         EdgecompError: bad input (exit 2) or numerics past tolerance (``NumericsError``, exit 1).
@@ -164,7 +198,6 @@ def build(
     shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     if ex is not None:
         shapes = {**ex.input_shapes, **shapes}
-    pass_list = make_passes(passes)
     if num_samples < 1:
         raise InputError("--samples must be at least 1")
     out = Path(output) if output is not None else Path(f"{model_path.stem}-{tgt.name}")
@@ -176,9 +209,15 @@ def build(
         in_specs = graph_inputs(fixed)
         out_names = [o.name for o in graph_outputs(original)]
         samples, sample_source = _reference_samples(in_specs, reference_inputs, ex, num_samples)
+        calib_samples, calib_source = _calibration_samples(in_specs, calib, ex)
         reference = run_ort(original, samples, out_names)
 
-    final, records = run_pipeline(fixed, pass_list, samples, reference, out_names, tolerance, progress)
+    ctx = PassContext(lowrank=_lowrank_config(lowrank), calib=calib_samples)
+    pass_list = make_passes(passes, ctx)
+    lossy = any(is_lossy(p) for _, p in pass_list)
+    accuracy = accuracy or (DEFAULT_ACCURACY if lossy else tolerance)
+    final, records = run_pipeline(fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress)
+    final_reference = run_ort(final, samples, out_names) if lossy else reference
 
     with bundle_fmt.staged_output(out, force=force, protect=[model_path]) as stage:
         with progress.stage("importing into TVM Relax"):
@@ -226,7 +265,9 @@ def build(
                 "executor": "relax.VirtualMachine",
             },
             "reference": {"inputs": bundle_fmt.REF_INPUTS, "outputs": bundle_fmt.REF_OUTPUTS, "source": sample_source, "samples": len(samples)},
+            "calibration": {"source": calib_source, "samples": len(calib_samples or [])},
             "tolerance": tolerance.to_json(),
+            "accuracy": accuracy.to_json(),
             "tools": tool_versions(tgt),
             "passes": [r.to_json() for r in records],
         }
@@ -247,11 +288,19 @@ def build(
                     f"{tgt.arch} code itself was not executed here"
                 )
             got = run_fn(samples)
-            check: Comparison = compare(out_names, reference, got, tolerance)
-            verification: dict[str, Any] = {"ran": ran, "numerics": check.to_json()}
+            # The compiler must reproduce the graph it was given; passes answer for the rest.
+            check: Comparison = compare(out_names, final_reference, got, tolerance)
+            vs_original: Comparison = compare(out_names, reference, got, accuracy)
+            verification: dict[str, Any] = {
+                "ran": ran,
+                "numerics": check.to_json(),
+                "vs_original": vs_original.to_json(),
+            }
             if ex is not None:
                 verification["evaluation"] = _evaluate_example(ex, in_specs, run_fn, original)
             progress.note(f"compiled vs ONNX Runtime: {check.summary()}")
+            if lossy:
+                progress.note(f"compiled vs the original model: {vs_original.summary()}")
         if not check.ok:
             raise NumericsError(f"compiled code does not match ONNX Runtime: {'; '.join(check.failures)}")
         manifest["verification"] = verification
@@ -261,6 +310,7 @@ def build(
             rel: {"bytes": (stage / rel).stat().st_size} for rel in bundle_fmt._files(stage)
         }
         (stage / bundle_fmt.REPORT).write_text(render_report(pre))
+        (stage / bundle_fmt.REPORT_HTML).write_text(bundle_html(pre))
         manifest = bundle_fmt.finalize_manifest(stage, manifest)
     progress.note(f"bundle written to {out}")
     return BuildResult(out, manifest)

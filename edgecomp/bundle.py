@@ -8,6 +8,7 @@ Layout (a directory, or the same packed into one ``.tar``)::
     reference/inputs.npz    reference inputs, stacked along a leading sample axis
     reference/outputs.npz   ONNX Runtime's outputs of the *original* model on them
     report.md               the human report
+    report.html             the same with figures (spectra and ranks, size waterfall)
 
 A bundle is staged in a hidden temporary sibling folder and renamed into place only when complete;
 a failure removes the staging folder, so no half-written bundle is ever left. Loading checks every
@@ -42,6 +43,7 @@ WEIGHTS = "weights.npz"
 REF_INPUTS = "reference/inputs.npz"
 REF_OUTPUTS = "reference/outputs.npz"
 REPORT = "report.md"
+REPORT_HTML = "report.html"
 
 
 def _sha256(path: Path) -> str:

@@ -64,6 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--rtol", type=float, default=1e-5, help="tolerance relative to max|output| (default 1e-5)")
     b.add_argument("--min-cosine", type=float, default=0.9999, help="minimum cosine per sample (default 0.9999)")
     b.add_argument("--min-top1", type=float, default=1.0, help="minimum top-1 agreement for classifiers (default 1.0)")
+    lr = b.add_argument_group("low-rank factorization")
+    lr.add_argument(
+        "--lowrank",
+        metavar="POLICY",
+        help="erank[:SCALE] | energy:F | l1:F | ratio:F | rank:R | ranks:NODE=R,... | "
+        "budget:params=NX | budget:flops=NX | budget:cosine=C | budget:top1=A",
+    )
+    lr.add_argument("--lowrank-layers", default="gemm,conv", help="layer kinds: gemm,conv,tt,embedding (default gemm,conv)")
+    lr.add_argument("--conv-method", default="tucker2", choices=["tucker2", "cp", "spatial"], help="Conv decomposition")
+    lr.add_argument("--no-data-aware", action="store_true", help="plain SVD even when calibration data is given")
+    lr.add_argument("--max-layer-error", type=float, default=1.0, help="leave a layer dense above this relative error")
+    b.add_argument("--calib", metavar="NPZ", help="calibration inputs for data-aware passes (default: example's calib split)")
+    b.add_argument("--accuracy-cosine", type=float, default=0.98, help="lossy passes: min cosine vs the original (default 0.98)")
+    b.add_argument("--accuracy-top1", type=float, default=0.0, help="lossy passes: min top-1 agreement vs the original (default 0)")
+    b.add_argument("--config", metavar="TOML", help="read build options from a TOML file ([build] table; flags override)")
     b.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     _common(b)
 
@@ -81,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("targets", help="list registered targets and their TVM target dicts")
     _common(t)
+    parser.build_parser = b  # type: ignore[attr-defined]  (config files set its defaults)
     return parser
 
 
@@ -95,10 +111,23 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_build(args: argparse.Namespace, progress) -> int:
+    import math
+
     from edgecomp.api import build
     from edgecomp.importer import parse_input_shapes
     from edgecomp.numerics import Tolerance
+    from edgecomp.passes.lowrank import LowRankConfig
+    from edgecomp.passes.rank_selection import parse_policy
 
+    lowrank = None
+    if args.lowrank:
+        lowrank = LowRankConfig(
+            policy=parse_policy(args.lowrank),
+            layers=tuple(k.strip() for k in args.lowrank_layers.split(",") if k.strip()),
+            conv_method=args.conv_method,
+            data_aware=not args.no_data_aware,
+            max_layer_error=args.max_layer_error,
+        )
     result = build(
         args.model,
         target=args.target,
@@ -109,6 +138,9 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
         reference_inputs=args.reference_inputs,
         num_samples=args.samples,
         tolerance=Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, min_top1=args.min_top1),
+        lowrank=lowrank,
+        calib=args.calib,
+        accuracy=Tolerance(atol=math.inf, rtol=0.0, min_cosine=args.accuracy_cosine, min_top1=args.accuracy_top1),
         force=args.force,
         progress=progress,
     )
@@ -124,6 +156,17 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
     for o in v["numerics"]["outputs"]:
         top1 = f", top-1 agreement {o['top1']:.3f}" if o.get("top1") is not None else ""
         print(f"  {o['name']}: max abs error {o['max_abs']:.2e}, min cosine {o['min_cosine']:.6f}{top1}")
+    for p in m["passes"]:
+        if p["lossy"]:
+            st = p["stats"]
+            print(
+                f"pass {p['name']}: {st.get('layers_factorized', '?')}/{st.get('layers_found', '?')} layers, "
+                f"params {p['params'][0]:,} → {p['params'][1]:,} ({p['params'][0] / max(1, p['params'][1]):.2f}x fewer)"
+            )
+    if any(p["lossy"] for p in m["passes"]):
+        for o in v["vs_original"]["outputs"]:
+            top1 = f", top-1 agreement {o['top1']:.3f}" if o.get("top1") is not None else ""
+            print(f"  vs the original model: {o['name']}: min cosine {o['min_cosine']:.6f}{top1}")
     if "evaluation" in v:
         e = v["evaluation"]
         print(
@@ -214,14 +257,48 @@ def _cmd_targets(args: argparse.Namespace, progress) -> int:
 _COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "run": _cmd_run, "targets": _cmd_targets}
 
 
+def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse argv; with ``build --config FILE``, the file's [build] table gives the defaults."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        import tomllib
+
+        from edgecomp.errors import InputError
+
+        try:
+            with open(args.config, "rb") as f:
+                table = tomllib.load(f).get("build", {})
+        except FileNotFoundError:
+            raise InputError(f"config file not found: {args.config}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"config file {args.config} is not valid TOML: {err}") from None
+        known = vars(args)
+        defaults = {}
+        for key, value in table.items():
+            dest = key.replace("-", "_")
+            if dest not in known or dest in ("command", "config"):
+                raise InputError(f"config file {args.config}: unknown build option {key!r}")
+            if dest == "input_shape" and isinstance(value, dict):
+                value = [f"{k}={','.join(str(d) for d in v)}" for k, v in value.items()]
+            defaults[dest] = value
+        parser.build_parser.set_defaults(**defaults)  # type: ignore[attr-defined]
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from edgecomp.errors import EdgecompError
+
+    try:
+        args = _apply_config(_parser(), argv)
+    except EdgecompError as err:  # a bad config file, before anything runs
+        print(f"edgecomp: error: {err}", file=sys.stderr)
+        return err.exit_code
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="edgecomp: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    from edgecomp.errors import EdgecompError
     from edgecomp.progress import Progress
 
     progress = Progress(enabled=not args.quiet)

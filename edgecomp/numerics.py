@@ -16,7 +16,7 @@ import onnx
 
 from edgecomp.errors import InputError, UnsupportedModelError
 
-__all__ = ["Tolerance", "OutputMetrics", "Comparison", "ort_session", "run_ort", "compare", "Samples"]
+__all__ = ["DEFAULT_ACCURACY", "Tolerance", "OutputMetrics", "Comparison", "ort_session", "run_ort", "compare", "Samples"]
 
 # A reference set: one feed dict per sample (each array has the model's exact input shape).
 Samples = list[dict[str, np.ndarray]]
@@ -37,7 +37,16 @@ class Tolerance:
     min_top1: float = 1.0
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: _finite(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _finite(x):
+    """JSON has no infinity: an unbounded tolerance is written as null."""
+    return None if isinstance(x, float) and math.isinf(x) else x
+
+
+# How far lossy passes may take outputs from the original model unless the user says otherwise.
+DEFAULT_ACCURACY = Tolerance(atol=math.inf, rtol=0.0, min_cosine=0.98, min_top1=0.0)
 
 
 @dataclasses.dataclass
@@ -88,7 +97,7 @@ class Comparison:
             "ok": self.ok,
             "samples": self.samples,
             "tolerance": self.tolerance.to_json(),
-            "outputs": [dataclasses.asdict(m) for m in self.outputs],
+            "outputs": [{k: _finite(v) for k, v in dataclasses.asdict(m).items()} for m in self.outputs],
             "failures": self.failures,
         }
 

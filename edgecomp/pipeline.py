@@ -1,8 +1,13 @@
 """The pass pipeline: run graph passes, and after each one hold the model to ONNX Runtime.
 
-Each pass works on an ``onnx_ir`` model in memory. After it, the pipeline serializes the model,
-runs ORT on the reference samples and compares with ORT's outputs of the *original* model; a pass
-that drifts past the tolerance stops the build with :class:`NumericsError` naming the pass.
+Each pass works on an ``onnx_ir`` model in memory. After it, the pipeline serializes the model and
+runs ORT on the reference samples. Two comparisons are recorded per pass:
+
+- ``step``: against the stage before it. An exact pass (cleanup) must meet ``tolerance`` here.
+- ``numerics``: against ORT's outputs of the *original* model. A lossy pass (``lossy = True``:
+  low rank, pruning, quantization) must keep the model within the ``accuracy`` budget here.
+
+A pass that breaks its rule stops the build with :class:`NumericsError` naming the pass.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ class PassRecord:
     nodes: tuple[int, int]
     params: tuple[int, int]
     param_bytes: tuple[int, int]
+    lossy: bool
     stats: dict[str, Any]
     layers: list[dict[str, Any]]
     numerics: dict[str, Any]
+    step: dict[str, Any]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,10 +58,17 @@ def run_pipeline(
     reference: list[list[np.ndarray]],
     output_names: Sequence[str],
     tolerance: Tolerance,
+    accuracy: Tolerance | None = None,
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """Run ``passes`` in order; returns the final model and one record per pass."""
+    """Run ``passes`` in order; returns the final model and one record per pass.
+
+    ``tolerance`` is what an exact pass may change (vs the previous stage); ``accuracy`` how far a
+    lossy pass may take the model from the original (default: ``tolerance``).
+    """
     progress = progress or Progress(enabled=False)
+    accuracy = accuracy or tolerance
+    previous = reference
     irm = ir.serde.deserialize_model(model)
     records: list[PassRecord] = []
     for i, (name, p) in enumerate(passes, 1):
@@ -72,7 +86,10 @@ def run_pipeline(
             irm = result.model
             proto = ir.serde.serialize_model(irm)
             got = run_ort(proto, samples, output_names)
-            check: Comparison = compare(output_names, reference, got, tolerance)
+            lossy = bool(getattr(p, "lossy", False))
+            check: Comparison = compare(output_names, reference, got, accuracy if lossy else tolerance)
+            step: Comparison = compare(output_names, previous, got, tolerance)
+            previous = got
             record = PassRecord(
                 name=name,
                 modified=bool(result.modified),
@@ -80,13 +97,23 @@ def run_pipeline(
                 nodes=(nodes0, count_nodes(irm)),
                 params=(params0, count_params(irm)[0]),
                 param_bytes=(bytes0, count_params(irm)[1]),
+                lossy=lossy,
                 stats=dict(getattr(result, "stats", {}) or {}),
                 layers=list(getattr(result, "layers", []) or []),
                 numerics=check.to_json(),
+                step=step.to_json(),
             )
             records.append(record)
-            log.info("pass %s: %s", name, check.summary())
-            if not check.ok:
+            log.info("pass %s: vs original %s", name, check.summary())
+            if lossy and not check.ok:
+                raise NumericsError(
+                    f"pass {name!r} took the model past the accuracy budget: {'; '.join(check.failures)}"
+                )
+            if not lossy and not step.ok:
+                raise NumericsError(
+                    f"pass {name!r} changed the outputs past the tolerance: {'; '.join(step.failures)}"
+                )
+            if not lossy and not check.ok and not any(r.lossy for r in records):
                 raise NumericsError(
                     f"pass {name!r} changed the outputs past the tolerance: {'; '.join(check.failures)}"
                 )

@@ -52,12 +52,33 @@ def render_report(m: dict[str, Any]) -> str:
             )
     else:
         lines.append("No passes ran.")
+    for p in m["passes"]:
+        if not p.get("layers"):
+            continue
+        lines += ["", f"### Layers of pass `{p['name']}`", ""]
+        st = p.get("stats", {})
+        if st:
+            lines.append("- " + ", ".join(f"{k}: {v}" for k, v in st.items()))
+            lines.append("")
+        lines += [
+            "| layer | op | method | weight | rank / full | erank | params | MACs | error | decision |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for layer in p["layers"]:
+            lines.append(
+                f"| `{layer['name']}` | {layer['op']} | {layer['method']} | {layer['weight_shape']} | "
+                f"{layer['rank']} / {layer['full_rank']} | {layer['erank']:.1f} | "
+                f"{layer['params'][0]:,} → {layer['params'][1]:,} | {layer['macs'][0]:,} → {layer['macs'][1]:,} | "
+                f"{layer['error']:.3g} | {layer['decision']} |"
+            )
     v = m["verification"]
     lines += ["", "## Verification of the compiled code", ""]
     lines.append(f"- ran: {v['ran']}")
     if v.get("numerics"):
         status = "PASS" if v["numerics"]["ok"] else "FAIL"
         lines.append(f"- {status} on {v['numerics']['samples']} reference samples: {_numerics(v['numerics'])}")
+    if any(p.get("lossy") for p in m["passes"]) and v.get("vs_original"):
+        lines.append(f"- against the original model (accuracy budget): {_numerics(v['vs_original'])}")
     if v.get("evaluation"):
         e = v["evaluation"]
         lines.append(

@@ -1,36 +1,93 @@
 """Graph passes, by name. Each is an ``onnx_ir`` pass in a file of its own.
 
-``PASSES`` maps the names users give to ``--passes`` onto pass factories; ``DEFAULT_PASSES`` is
-the pipeline ``edgecomp build`` runs when none is given.
+``PASSES`` maps the names users give to ``--passes`` onto factories taking a
+:class:`PassContext` (the settings and calibration data a pass may need); ``DEFAULT_PASSES`` is the
+cleanup pipeline ``edgecomp build`` runs when none is given, and compression passes are inserted
+before its last shape inference when their options are given.
+
+A pass whose class sets ``lossy = True`` changes the outputs on purpose: the pipeline holds it to
+the accuracy budget against the original model instead of to exactness.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import onnx_ir as ir
 
 from edgecomp.errors import InputError
+from edgecomp.numerics import Samples
+import importlib
+
+for _mod in ("lowrank_gemm", "lowrank_conv", "tensor_train", "lowrank_embedding"):  # TEMP until all land
+    try:
+        importlib.import_module(f"edgecomp.passes.{_mod}")
+    except ModuleNotFoundError as _err:
+        if _err.name != f"edgecomp.passes.{_mod}":
+            raise
 from edgecomp.passes.base import StatsResult, count_nodes, count_params
 from edgecomp.passes.dead_code import RemoveDeadCode
 from edgecomp.passes.fold_constants import FoldConstants
+from edgecomp.passes.lowrank import LowRank, LowRankConfig
 from edgecomp.passes.shape_inference import InferShapes
 
-__all__ = ["PASSES", "DEFAULT_PASSES", "make_passes", "StatsResult", "count_nodes", "count_params"]
+__all__ = [
+    "PASSES",
+    "DEFAULT_PASSES",
+    "PassContext",
+    "make_passes",
+    "default_pass_names",
+    "is_lossy",
+    "StatsResult",
+    "count_nodes",
+    "count_params",
+]
 
-PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
-    "shape": InferShapes,
-    "fold": FoldConstants,
-    "dce": RemoveDeadCode,
+
+@dataclasses.dataclass
+class PassContext:
+    """What passes may need besides the model: their settings and calibration samples."""
+
+    lowrank: LowRankConfig | None = None
+    calib: Samples | None = None
+
+
+def _lowrank(ctx: PassContext) -> LowRank:
+    if ctx.lowrank is None:
+        raise InputError("pass 'lowrank' needs a rank policy: --lowrank erank:1.0 (or energy:0.95, budget:params=2x, ...)")
+    return LowRank(ctx.lowrank, ctx.calib)
+
+
+PASSES: dict[str, Callable[[PassContext], ir.passes.PassBase]] = {
+    "shape": lambda ctx: InferShapes(),
+    "fold": lambda ctx: FoldConstants(),
+    "dce": lambda ctx: RemoveDeadCode(),
+    "lowrank": _lowrank,
 }
 
 DEFAULT_PASSES = ("shape", "fold", "dce", "shape")
 
 
-def make_passes(names: str | list[str] | tuple[str, ...] | None) -> list[tuple[str, ir.passes.PassBase]]:
+def default_pass_names(ctx: PassContext) -> list[str]:
+    """The cleanup pipeline, with each configured compression pass before the last ``shape``."""
+    names = list(DEFAULT_PASSES)
+    if ctx.lowrank is not None:
+        names.insert(len(names) - 1, "lowrank")
+    return names
+
+
+def is_lossy(p: ir.passes.PassBase) -> bool:
+    return bool(getattr(p, "lossy", False))
+
+
+def make_passes(
+    names: str | list[str] | tuple[str, ...] | None, ctx: PassContext | None = None
+) -> list[tuple[str, ir.passes.PassBase]]:
     """``"fold,dce"`` / ``["fold", "dce"]`` / ``None`` (default) / ``"none"`` → named pass objects."""
+    ctx = ctx or PassContext()
     if names is None:
-        names = DEFAULT_PASSES
+        names = default_pass_names(ctx)
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if list(names) == ["none"]:
@@ -38,4 +95,4 @@ def make_passes(names: str | list[str] | tuple[str, ...] | None) -> list[tuple[s
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise InputError(f"unknown pass {unknown[0]!r} (known passes: {', '.join(PASSES)}, or 'none')")
-    return [(n, PASSES[n]()) for n in names]
+    return [(n, PASSES[n](ctx)) for n in names]

@@ -44,7 +44,7 @@ def test_digits_host_manifest(digits_host_bundle):
     assert m["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]
     assert [p["name"] for p in m["passes"]] == ["shape", "fold", "dce", "shape"]
     assert all(p["numerics"]["ok"] for p in m["passes"])
-    assert set(m["files"]) == {"model.so", "weights.npz", "reference/inputs.npz", "reference/outputs.npz", "report.md"}
+    assert set(m["files"]) == {"model.so", "weights.npz", "reference/inputs.npz", "reference/outputs.npz", "report.md", "report.html"}
     # Weights live apart from the code: every initializer is in weights.npz, with the same values.
     model = onnx.load(str(get_example("digits").model_path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}

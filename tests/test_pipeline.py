@@ -88,6 +88,6 @@ def test_drift_within_a_loose_tolerance_is_recorded():
 def test_unknown_pass_is_an_input_error():
     from edgecomp.errors import InputError
 
-    with pytest.raises(InputError, match="unknown pass 'lowrank'"):
-        make_passes("fold,lowrank")
+    with pytest.raises(InputError, match="unknown pass .bogus."):
+        make_passes("fold,bogus")
     assert make_passes("none") == []

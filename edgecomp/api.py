@@ -65,6 +65,8 @@ class BuildResult:
 
     path: Path
     manifest: dict[str, Any]
+    #: the final ONNX graph the code was compiled from (in memory only; not part of the bundle)
+    graph: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def verification(self) -> dict[str, Any]:
@@ -313,7 +315,7 @@ def build(
         (stage / bundle_fmt.REPORT_HTML).write_text(bundle_html(pre))
         manifest = bundle_fmt.finalize_manifest(stage, manifest)
     progress.note(f"bundle written to {out}")
-    return BuildResult(out, manifest)
+    return BuildResult(out, manifest, graph=final)
 
 
 def _vm_runner(executable, params: list[np.ndarray], in_specs: list[TensorSpec]):

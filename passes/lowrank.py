@@ -100,7 +100,9 @@ class LowRankConfig:
         max_layer_error: a layer whose relative error at the chosen rank exceeds this is left dense.
         min_params: layers with fewer weight parameters are left alone (not worth a node).
         min_saving: the factorized layer must need at most this fraction of the dense params/MACs.
-        max_calib: calibration samples used (sensitivity runs cost one ORT pass each).
+        max_calib: calibration samples used for input statistics (data-aware SVD).
+        max_sensitivity: calibration samples each sensitivity run of a global budget uses
+            (one ORT pass over them per layer and candidate rank).
     """
 
     policy: RankPolicy
@@ -110,7 +112,8 @@ class LowRankConfig:
     max_layer_error: float = 1.0
     min_params: int = 1024
     min_saving: float = 0.9
-    max_calib: int = 64
+    max_calib: int = 512
+    max_sensitivity: int = 64
 
 
 class LowRank(ir.passes.InPlacePass):
@@ -133,7 +136,10 @@ class LowRank(ir.passes.InPlacePass):
         found: list[FactorizableLayer] = []
         for kind in self.config.layers:
             found.extend(FACTORIZERS[kind](model, self.config))
-        return [layer for layer in found if layer.cost(None).params >= self.config.min_params]
+        return found
+
+    def _small(self, layer: FactorizableLayer) -> bool:
+        return layer.cost(None).params < self.config.min_params
 
     def _pays(self, layer: FactorizableLayer, rank: int) -> bool:
         dense, low = layer.cost(None), layer.cost(rank)
@@ -147,7 +153,10 @@ class LowRank(ir.passes.InPlacePass):
     # -- the pass --------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> StatsResult:
         ir.passes.common.NameFixPass()(model)
-        layers = self._layers(model)
+        # Costs (MACs) need the shapes of every layer's input.
+        ir.passes.common.ShapeInferencePass()(model)
+        all_layers = self._layers(model)
+        layers = [layer for layer in all_layers if not self._small(layer)]
         if self.config.data_aware and self.calib:
             wanted = [layer.input_name for layer in layers if layer.input_name]
             if wanted:
@@ -168,10 +177,12 @@ class LowRank(ir.passes.InPlacePass):
 
         records = []
         modified = False
-        for layer in layers:
+        for layer in all_layers:
             rank = chosen.get(layer.name)
             record = self._record(layer, rank)
-            if rank is None:
+            if self._small(layer):
+                record["decision"] = f"kept dense (below {self.config.min_params} params)"
+            elif rank is None:
                 record["decision"] = "kept dense (policy)"
             elif rank >= layer.full_rank or not self._pays(layer, rank):
                 record["decision"] = "kept dense (does not pay)"
@@ -194,7 +205,7 @@ class LowRank(ir.passes.InPlacePass):
             "layer_macs_after": sum(r["macs"][1] if r["decision"] == "factorized" else r["macs"][0] for r in records),
             **global_stats,
         }
-        if modified:
+        if modified:  # the dense weights of rewritten layers are now unused
             ir.passes.common.RemoveUnusedNodesPass()(model)
         return StatsResult(model, modified, stats=stats, layers=records)
 
@@ -221,7 +232,8 @@ class LowRank(ir.passes.InPlacePass):
         from edgecomp.numerics import Tolerance, compare
 
         budget = self.config.policy
-        reference = activations.model_outputs(model, self.calib)
+        calib = self.calib[: self.config.max_sensitivity]
+        reference = activations.model_outputs(model, calib)
         names = [o.name for o in model.graph.outputs]
 
         def metric(ranks: dict[str, int]) -> float:
@@ -229,7 +241,7 @@ class LowRank(ir.passes.InPlacePass):
             by_name = {layer.name: layer for layer in layers}
             for name, rank in ranks.items():
                 by_name[name].apply(trial, rank)
-            got = activations.model_outputs(trial, self.calib)
+            got = activations.model_outputs(trial, calib)
             cmp = compare(names, reference, got, Tolerance())
             if budget.budget == "top1":
                 tops = [o.top1 for o in cmp.outputs if o.top1 is not None]
@@ -265,6 +277,6 @@ class LowRank(ir.passes.InPlacePass):
             "sensitivity_evaluations": evaluations,
             "greedy_moves": len(moves),
             "calibration_metric": round(final_metric, 6),
-            "calibration_samples": len(self.calib),
+            "calibration_samples": len(calib),
         }
         return {layer.name: ranks.get(layer.name) for layer in layers}, stats

@@ -50,7 +50,7 @@ def spectra_figure(layers: Sequence[dict[str, Any]], max_panels: int = 24):
             ax.axvline(layer["rank"], color=color, ls="--", lw=1)
         ax.axvline(layer.get("erank", 0), color="tab:orange", ls=":", lw=1)
         ax.set_title(f"{layer['name'][:28]}\n{layer['method']} r={layer.get('rank')}/{layer['full_rank']}", fontsize=7)
-        ax.tick_params(labelsize=6)
+        ax.tick_params(which="both", labelsize=6)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     fig.suptitle("singular values (normalized); dashed: rank kept (green: factorized), dotted: effective rank", fontsize=8)

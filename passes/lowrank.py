@@ -70,6 +70,14 @@ class FactorizableLayer(abc.ABC):
 
     #: name of the value feeding the layer, whose second moment makes the layer data-aware
     input_name: str | None = None
+    #: what the factorization must reduce to pay (an embedding lookup has no MACs to save)
+    saves: tuple[str, ...] = ("params", "macs")
+
+    def candidate_ranks(self) -> list[int]:
+        """Ranks a global budget tries for this layer (fractions of the full rank, plus small
+        absolute ranks for layers, like tensor-train, whose useful ranks are tiny)."""
+        ranks = {max(1, round(f * self.full_rank)) for f in RANK_LADDER} | {2, 4, 8, 16}
+        return sorted((r for r in ranks if r < self.full_rank), reverse=True)
 
     def set_input_moment(self, moment: np.ndarray) -> None:
         """Second moment ``XᵀX/n`` of the layer's input (data-aware decompositions use it)."""
@@ -144,11 +152,10 @@ class LowRank(ir.passes.InPlacePass):
     def _pays(self, layer: FactorizableLayer, rank: int) -> bool:
         dense, low = layer.cost(None), layer.cost(rank)
         f = self.config.min_saving
-        return low.params <= f * dense.params and low.macs <= f * dense.macs
+        return all(getattr(low, k) <= f * getattr(dense, k) for k in layer.saves)
 
     def _ladder_ranks(self, layer: FactorizableLayer) -> list[int]:
-        ranks = sorted({max(1, round(f * layer.full_rank)) for f in RANK_LADDER}, reverse=True)
-        return [r for r in ranks if r < layer.full_rank and self._pays(layer, r)]
+        return [r for r in layer.candidate_ranks() if self._pays(layer, r)]
 
     # -- the pass --------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> StatsResult:

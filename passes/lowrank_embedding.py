@@ -1,0 +1,146 @@
+"""Low-rank factorization of embedding tables: ``Gather(T, ids)`` → ``MatMul(Gather(A, ids), B)``.
+
+A token embedding ``T [V, D]`` (``Gather`` with axis 0 on a constant table) is replaced by its
+truncated SVD ``T ≈ A·B``, ``A = U_r·√S_r [V, r]``, ``B = √S_r·V_rᵀ [r, D]`` (the singular values
+are split evenly so both factors have the same scale, which later int8 quantization likes).
+The lookup stays a lookup; each looked-up row costs ``r·D`` MACs more. That trade is memory for
+compute, so such a layer "pays" on params alone (see :attr:`EmbeddingLayer.saves`).
+
+Tables shared with another node (tied input/output embeddings) are left alone: factorizing the
+lookup would not free the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.passes.lowrank import Cost, FactorizableLayer, LowRankConfig, register_factorizer
+
+__all__ = ["EmbeddingLayer", "find_embeddings"]
+
+log = logging.getLogger(__name__)
+
+
+def _find_node(model: ir.Model, name: str) -> ir.Node:
+    for node in model.graph:
+        if node.name == name:
+            return node
+    raise KeyError(f"no node named {name!r} in the model")
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+class EmbeddingLayer(FactorizableLayer):
+    """A ``Gather(table, ids)`` (axis 0) on a constant ``[V, D]`` table, factorized by SVD."""
+
+    method = "svd"
+    op = "Gather"
+    #: what the factorized layer must save to pay: params only (MACs go up from 0 by design).
+    #: Read by the driver's "only when it pays" rule once it supports it (see the report).
+    saves = ("params",)
+    #: ids are integers: no input moment to whiten with
+    input_name = None
+
+    def __init__(self, node: ir.Node, table: np.ndarray, n_ids: int) -> None:
+        self.name = node.name
+        self.weight_shape = tuple(table.shape)
+        self.n_ids = n_ids
+        self._dtype = table.dtype
+        self._table = table.astype(np.float64)
+
+    @functools.cached_property
+    def _svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.linalg.svd(self._table, full_matrices=False)
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.weight_shape)
+
+    def spectrum(self) -> np.ndarray:
+        return self._svd[1]
+
+    def cost(self, rank: int | None) -> Cost:
+        v, d = self.weight_shape
+        if rank is None:
+            return Cost(v * d, 0)
+        return Cost(rank * (v + d), self.n_ids * rank * d)
+
+    def error(self, rank: int) -> float:
+        """‖T − A·B‖_F / ‖T‖_F over all rows (exact from the singular values)."""
+        s2 = self._svd[1] ** 2
+        total = float(s2.sum())
+        return float(np.sqrt(max(float(s2[int(rank):].sum()), 0.0) / total)) if total > 0 else 0.0
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``A [V, r]``, ``B [r, D]`` in the table's dtype."""
+        u, s, vt = self._svd
+        root = np.sqrt(s[:rank])
+        return (u[:, :rank] * root).astype(self._dtype), (root[:, None] * vt[:rank]).astype(self._dtype)
+
+    def apply(self, model: ir.Model, rank: int) -> None:
+        graph = model.graph
+        node = _find_node(model, self.name)
+        table, ids = node.inputs[0], node.inputs[1]
+        old_out = node.outputs[0]
+        taken = {v.name for v in graph.inputs} | set(graph.initializers)
+        for other in graph:
+            taken.update(v.name for v in other.outputs if v.name)
+        a, b = self.factors(int(rank))
+        dtype = ir.DataType.from_numpy(a.dtype)
+
+        def init(tag: str, array: np.ndarray) -> ir.Value:
+            name = _fresh(taken, f"{self.name}_{tag}")
+            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
+                             const_value=ir.tensor(array, name=name))
+            graph.register_initializer(value)
+            return value
+
+        rows = ir.Value(name=_fresh(taken, f"{self.name}_lr_rows"), type=ir.TensorType(dtype))
+        out = ir.Value(name=_fresh(taken, f"{self.name}_lr_out"), type=ir.TensorType(dtype))
+        gather = ir.node("Gather", [init("lr_A", a), ids], {"axis": 0}, outputs=[rows], name=_fresh(taken, f"{self.name}_lr_gather"))
+        matmul = ir.node("MatMul", [rows, init("lr_B", b)], outputs=[out], name=_fresh(taken, f"{self.name}_lr_matmul"))
+        graph.insert_before(node, [gather, matmul])
+        out.type = old_out.type if old_out.type is not None else out.type
+        out.shape = old_out.shape
+        old_out.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        name = old_out.name
+        old_out.name = None
+        out.name = name
+        if table.is_initializer() and not table.uses() and not table.is_graph_output() and not table.is_graph_input():
+            del graph.initializers[table.name]
+
+
+@register_factorizer("embedding")
+def find_embeddings(model: ir.Model, config: LowRankConfig | None = None) -> list[EmbeddingLayer]:
+    """``Gather(T, ids)`` with axis 0 (or -2) on a constant 2-D float initializer ``T`` that no
+    other node uses, in the main graph."""
+    layers: list[EmbeddingLayer] = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type != "Gather" or len(node.inputs) != 2:
+            continue
+        table, ids = node.inputs
+        if table is None or ids is None or ids.const_value is not None:
+            continue
+        if table.const_value is None or not table.is_initializer() or table.is_graph_input() or table.is_graph_output():
+            continue
+        if len(table.uses()) != 1:
+            log.debug("embedding: %s's table %s is shared; left alone", node.name, table.name)
+            continue
+        array = table.const_value.numpy()
+        if array.ndim != 2 or array.dtype.kind != "f" or node.attributes.get_int("axis", 0) not in (0, -2):
+            continue
+        n_ids = 1 if ids.shape is None else math.prod(d if isinstance(d, int) else 1 for d in ids.shape)
+        layers.append(EmbeddingLayer(node, array, n_ids))
+    return layers

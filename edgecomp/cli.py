@@ -310,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgecomp: interrupted; nothing was left behind", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edgecomp inspect ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stop the interpreter's flush at exit)
+        return 0
     except Exception as err:  # a bug: one line unless --debug
         if args.debug:
             raise

@@ -21,7 +21,7 @@ import onnx
 from edgecomp.errors import InputError, UnsupportedModelError
 from edgecomp.targets.base import ELF_MACHINES, Target
 
-__all__ = ["RelaxModel", "unsupported_nodes", "to_relax", "compile_relax", "export_library", "elf_arch"]
+__all__ = ["RelaxModel", "inline_small_constants", "unsupported_nodes", "to_relax", "compile_relax", "export_library", "elf_arch"]
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,43 @@ def _track_current_node():
         cls._convert_operator = original
 
 
+# Initializers that are code, not weights: shapes, axes, pads (small integer tensors) and scalars
+# (Clip limits, scales). Constant folding turns exporters' shape arithmetic into such initializers;
+# as parameters TVM would see them only at run time and could not infer static shapes (an Expand
+# whose target shape is a parameter fails to compile), so they are inlined as Constant nodes.
+_MAX_INLINE_INT = 64
+_MAX_INLINE_FLOAT = 1
+
+
+def inline_small_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose shape-like and scalar initializers are Constant nodes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph_inputs = {vi.name for vi in out.graph.input}
+    keep, consts = [], []
+    for init in out.graph.initializer:
+        size = int(np.prod(init.dims)) if init.dims else 1
+        is_int = init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
+        small = size <= (_MAX_INLINE_INT if is_int else _MAX_INLINE_FLOAT)
+        if small and init.name not in graph_inputs:
+            consts.append(onnx.helper.make_node("Constant", [], [init.name], name=f"{init.name}__const", value=init))
+        else:
+            keep.append(init)
+    if consts:
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(keep)
+        nodes = consts + list(out.graph.node)
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+    return out
+
+
 def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], input_dtypes: dict[str, str]) -> RelaxModel:
     """Import a static-shape ONNX model into Relax with its weights detached."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    model = inline_small_constants(model)
     bad = unsupported_nodes(model)
     if bad:
         node, op = bad[0]

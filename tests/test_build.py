@@ -97,3 +97,40 @@ def test_transformer_block_arm64_builds(tmp_path):
         assert elf_arch(b.root / "model.so") == "aarch64"
     finally:
         b.close()
+
+
+def test_folded_shape_initializers_stay_static_for_tvm(tmp_path):
+    """Constant folding turns an exporter's Shape→Concat→Expand into an initializer; TVM must still
+    see the target shape at compile time (it is inlined as a Constant, not made a parameter)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = helper.make_node
+    g = helper.make_graph(
+        [
+            n("Shape", ["x"], ["s"], name="shape"),
+            n("Concat", ["s", "extra"], ["target"], name="concat", axis=0),
+            n("Reshape", ["x", "flat"], ["x2"], name="reshape"),
+            n("Expand", ["x", "target_short"], ["xe"], name="expand_short"),
+            n("Add", ["xe", "x2"], ["y"], name="add"),
+            n("Clip", ["y", "lo", "hi"], ["z"], name="clip"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 4])],
+        [
+            numpy_helper.from_array(np.array([1], np.int64), "extra"),
+            numpy_helper.from_array(np.array([1, 4], np.int64), "flat"),
+            numpy_helper.from_array(np.array([3, 4], np.int64), "target_short"),
+            numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "hi"),
+        ],
+    )
+    path = tmp_path / "expand.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = edgecomp.build(path, target="host", output=tmp_path / "b")
+    assert result.verification["numerics"]["ok"]
+    assert result.manifest["params"] == []  # shapes and clip limits became code, not weights
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    got = edgecomp.run_bundle(result.path, {"x": x})["z"]
+    np.testing.assert_allclose(got, _ort(str(path), {"x": x})[0], atol=1e-6)
+    assert got.shape == (3, 4)

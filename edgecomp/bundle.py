@@ -18,7 +18,6 @@ file against the manifest's sha256 and refuses unknown, missing or modified file
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from edgecomp.errors import BundleError, InputError
-from edgecomp.importer import TensorSpec
+from edgecomp.importer import TensorSpec, sha256_file
 from edgecomp.numerics import Samples
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "staged_output", "finalize_manifest", "Bundle", "load_bundle"]
@@ -44,14 +43,6 @@ REF_INPUTS = "reference/inputs.npz"
 REF_OUTPUTS = "reference/outputs.npz"
 REPORT = "report.md"
 REPORT_HTML = "report.html"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(root: Path) -> list[str]:
@@ -134,7 +125,7 @@ def finalize_manifest(stage: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Add the sha256 and size of every staged file and write ``manifest.json``."""
     manifest = dict(manifest)
     manifest["files"] = {
-        rel: {"sha256": _sha256(stage / rel), "bytes": (stage / rel).stat().st_size} for rel in _files(stage)
+        rel: {"sha256": sha256_file(stage / rel), "bytes": (stage / rel).stat().st_size} for rel in _files(stage)
     }
     tmp = stage / (MANIFEST + ".part")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=_json_default) + "\n")
@@ -288,5 +279,5 @@ def _verify_files(root: Path, manifest: dict[str, Any], shown: Path) -> None:
     if extra:
         raise BundleError(f"{shown}: unexpected file {extra[0]} not listed in the manifest (tampered?)")
     for rel, info in listed.items():
-        if _sha256(root / rel) != info["sha256"]:
+        if sha256_file(root / rel) != info["sha256"]:
             raise BundleError(f"{shown}: checksum mismatch for {rel}: the bundle was modified after it was built")

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["accuracy", "top1_agreement", "mean_kl", "max_abs", "cosines", "spearman", "pairwise_spearman"]
+__all__ = [
+    "accuracy",
+    "top1_agreement",
+    "mean_kl",
+    "max_abs",
+    "cosines",
+    "spearman",
+    "pairwise_spearman",
+    "classification_metrics",
+    "embedding_metrics",
+]
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -75,3 +85,35 @@ def pairwise_spearman(ref: np.ndarray, got: np.ndarray) -> float:
         return s[np.triu_indices(len(e), k=1)]
 
     return spearman(sims(ref), sims(got))
+
+
+def classification_metrics(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    """Top-1 agreement, mean KL(ref ‖ candidate) and max |Δlogit| against the fp32 logits (plus
+    accuracy when labels are given). Arrays: [K, ..., classes]."""
+    c = logits.reshape(len(logits), -1)
+    r = ref_logits.reshape(len(ref_logits), -1)
+    out = {
+        "top1_agreement": top1_agreement(r, c),
+        "mean_kl": mean_kl(r, c),
+        "max_abs_error": max_abs(r, c),
+        "samples": int(len(c)),
+    }
+    if labels is not None:
+        out["accuracy"] = accuracy(c, labels)
+        out["ref_accuracy"] = accuracy(r, labels)
+    return out
+
+
+def embedding_metrics(emb: np.ndarray, ref_emb: np.ndarray) -> dict[str, float]:
+    """Cosine to the fp32 embeddings (mean, min) and the Spearman correlation of all pairwise
+    similarities (candidate vs reference). Arrays: [K, ..., dim]."""
+    cos = cosines(ref_emb, emb)
+    out = {
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "max_abs_error": max_abs(ref_emb, emb),
+        "samples": int(len(emb)),
+    }
+    if len(emb) > 2:
+        out["pairwise_spearman"] = pairwise_spearman(ref_emb, emb)
+    return out

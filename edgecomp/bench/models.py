@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -51,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
+from edgecomp.bench.metrics import classification_metrics, embedding_metrics, spearman
 from edgecomp.errors import EdgecompError, InputError, NumericsError
+from edgecomp.importer import sha256_file
 
 __all__ = [
     "BENCH_MODELS",
@@ -258,14 +259,6 @@ def _versions(dists: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Like ``np.savez_compressed`` but byte-reproducible (fixed zip timestamps), written atomically."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -339,65 +332,6 @@ def _import_torch() -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def classification_metrics(logits: np.ndarray, ref_logits: np.ndarray,
-                           labels: np.ndarray | None = None) -> dict[str, float]:
-    """Top-1 agreement, mean KL(ref || candidate) and max |Δlogit| vs the fp32 reference logits
-    (plus accuracy when labels are given). Arrays: [K, ..., classes]."""
-    c = logits.reshape(len(logits), -1)
-    r = ref_logits.reshape(len(ref_logits), -1)
-    lr, lc = _log_softmax(r), _log_softmax(c)
-    out = {
-        "top1_agreement": float((c.argmax(1) == r.argmax(1)).mean()),
-        "mean_kl": float((np.exp(lr) * (lr - lc)).sum(1).mean()),
-        "max_abs_error": float(np.abs(c.astype(np.float64) - r).max()),
-        "samples": int(len(c)),
-    }
-    if labels is not None:
-        out["accuracy"] = float((c.argmax(1) == labels.reshape(-1)).mean())
-        out["ref_accuracy"] = float((r.argmax(1) == labels.reshape(-1)).mean())
-    return out
-
-
-def _rank(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties averaged (as scipy.stats.rankdata)."""
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    avg = np.cumsum(counts) - (counts - 1) / 2.0
-    return avg[inv]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _rank(np.asarray(a, np.float64).ravel()), _rank(np.asarray(b, np.float64).ravel())
-    ra -= ra.mean()
-    rb -= rb.mean()
-    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
-
-
-def embedding_metrics(emb: np.ndarray, ref_emb: np.ndarray) -> dict[str, float]:
-    """Cosine similarity to the fp32 embeddings (mean, min) and the Spearman correlation of all
-    pairwise sentence similarities (candidate vs reference). Arrays: [K, ..., dim]."""
-    c = emb.reshape(len(emb), -1).astype(np.float64)
-    r = ref_emb.reshape(len(ref_emb), -1).astype(np.float64)
-    cn = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-    rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-    cos = (cn * rn).sum(1)
-    iu = np.triu_indices(len(c), k=1)
-    out = {
-        "mean_cosine": float(cos.mean()),
-        "min_cosine": float(cos.min()),
-        "max_abs_error": float(np.abs(c - r).max()),
-        "samples": int(len(c)),
-    }
-    if len(c) > 2:
-        out["pairwise_spearman"] = spearman((cn @ cn.T)[iu], (rn @ rn.T)[iu])
-    return out
-
-
 def evaluate(name: str, outputs: np.ndarray, arrays: dict[str, np.ndarray]) -> dict[str, float]:
     """Score a candidate's outputs ([K, *output_shape], in split order) on a split's arrays."""
     if name not in BENCH_MODELS:
@@ -446,7 +380,7 @@ def _build_digits(folder: Path, log: Log):
     extra = {
         "source": "edgecomp.examples digits (tools/train_digits.py): a CNN trained on scikit-learn's "
                   "load_digits; the ONNX file is the shipped one with its batch dim fixed to 1",
-        "shipped_onnx_sha256": _sha256(ex.model_path),
+        "shipped_onnx_sha256": sha256_file(ex.model_path),
         "how": "eval = the example's test split, calib = its calib split (both disjoint from training "
                "and from each other); ref_logits from ONNX Runtime (single thread)",
         "labels": ex.meta.get("labels"),
@@ -694,7 +628,7 @@ def _build_mobilenetv2(folder: Path, log: Log):
             "view": "str [K]: which view (scale, crop, -flip)",
         },
         "sanity": {"onnxruntime_vs_torch": checks, "photo_top1_onnxruntime": photo_top1},
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
     }
     return splits["eval"], splits["calib"], extra
 
@@ -964,7 +898,7 @@ def _cached(folder: Path, model: BenchModel) -> dict[str, Any] | None:
     files = meta.get("files", {})
     for fname in (model.onnx_name, "eval.npz", "calib.npz"):
         path = folder / fname
-        if fname not in files or not path.is_file() or _sha256(path) != files[fname].get("sha256"):
+        if fname not in files or not path.is_file() or sha256_file(path) != files[fname].get("sha256"):
             return None
     return meta
 
@@ -1033,7 +967,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, force: bool = F
             "description": model.description,
             "recipe_version": model.recipe_version,
             "onnx": model.onnx_name,
-            "onnx_sha256": _sha256(onnx_path),
+            "onnx_sha256": sha256_file(onnx_path),
             "opset": OPSET,
             "inputs": inputs,
             "outputs": outputs,
@@ -1044,7 +978,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, force: bool = F
             "build_seconds": round(time.monotonic() - t0, 1),
             "versions": _versions(model.distributions),
             "missing_optional": missing_optional,
-            "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+            "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
                       for f in (model.onnx_name, "eval.npz", "calib.npz")},
         }
         _write_json(tmp / "meta.json", meta)

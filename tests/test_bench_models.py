@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edgecomp.bench import models as bm
+from edgecomp.importer import sha256_file
 from edgecomp.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +40,9 @@ def test_digits_fetch_writes_model_data_and_meta(digits):
     assert meta == digits.meta
     assert meta["metric"] == "accuracy"
     assert meta["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
-    assert meta["onnx_sha256"] == bm._sha256(digits.onnx)
+    assert meta["onnx_sha256"] == sha256_file(digits.onnx)
     for f in (digits.onnx, digits.eval, digits.calib):
-        assert meta["files"][f.name]["sha256"] == bm._sha256(f)
+        assert meta["files"][f.name]["sha256"] == sha256_file(f)
     ev, cal = digits.arrays("eval"), digits.arrays("calib")
     assert set(ev) == set(meta["data_keys"]) == {"input", "label", "ref_logits"}
     assert ev["input"].shape == (360, 1, 1, 8, 8) and ev["input"].dtype == np.float32
@@ -74,7 +75,7 @@ def test_fetch_reuses_a_valid_cache_and_rebuilds_a_damaged_one(digits):
     assert {f: f.stat().st_mtime_ns for f in (again.onnx, again.eval, again.calib)} == before
     digits.eval.write_bytes(b"damaged")
     fixed = bm.fetch("digits-cnn", cache_dir=digits.folder.parent, quiet=True)
-    assert bm._sha256(fixed.eval) == digits.meta["files"]["eval.npz"]["sha256"]  # same bytes again
+    assert sha256_file(fixed.eval) == digits.meta["files"]["eval.npz"]["sha256"]  # same bytes again
     assert not list(digits.folder.parent.glob(".digits-cnn.*"))  # no temporary folders left
 
 

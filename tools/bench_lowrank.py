@@ -1,0 +1,84 @@
+"""Effective rank vs energy vs l1: which rank-selection rule keeps the most accuracy per parameter?
+
+    python tools/bench_lowrank.py                    # all three benchmark models
+    python tools/bench_lowrank.py --models digits-cnn --eval-limit 200
+
+For each model, sweeps every policy family with and without data-aware SVD, scores each point on
+the model's evaluation split with ONNX Runtime, and writes bench/results/lowrank-study-<date>.*
+(JSON with every point, a Markdown table of the families at matched compression ratios, and one
+PNG figure per model). Thin wrapper over edgecomp.bench.lowrank_study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Which layers each model's study factorizes (embedding tables count for minilm).
+LAYERS = {"digits-cnn": ("gemm", "conv"), "mobilenetv2": ("gemm", "conv"), "minilm": ("gemm", "embedding")}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="digits-cnn,mobilenetv2,minilm")
+    p.add_argument("--eval-limit", type=int, help="score on the first N evaluation samples only")
+    p.add_argument("--calib-limit", type=int, default=128, help="calibration samples for data-aware SVD")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = p.parse_args()
+
+    import dataclasses
+
+    from edgecomp.bench import models as bench_models
+    from edgecomp.bench.lowrank_study import matched_table, run_study, study_figure
+    from edgecomp.figures import _plt
+    from edgecomp.importer import load_onnx
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"lowrank-study-{datetime.date.today().isoformat()}"
+    doc: dict = {"command": " ".join(["python", "tools/bench_lowrank.py", *sys.argv[1:]]), "models": {}}
+    md = [f"Command: `{doc['command']}`. Metric at matched parameter ratios (whole model), interpolated on each "
+          "policy's curve (made monotone); `best` = the family with the highest metric.", ""]
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        assets = bench_models.fetch(name)
+        model = load_onnx(assets.onnx)
+        eval_feeds = assets.feeds("eval")[: args.eval_limit]
+        arrays = {k: v[: len(eval_feeds)] for k, v in assets.arrays("eval").items()}
+        calib = assets.feeds("calib")[: args.calib_limit]
+        headline = assets.meta["metric"]
+
+        def score(outputs, name=name, arrays=arrays, headline=headline):
+            import numpy as np
+
+            stacked = np.stack([o[0] for o in outputs])
+            return bench_models.evaluate(name, stacked, arrays)[headline]
+
+        print(f"== {name}: {len(eval_feeds)} eval samples, {len(calib)} calib samples, metric {headline}", file=sys.stderr)
+        points = run_study(model, eval_feeds, score, calib, layers=LAYERS[name],
+                           progress=lambda s: print("  " + s, file=sys.stderr, flush=True))
+        table = matched_table(points)
+        doc["models"][name] = {"metric": headline, "points": [dataclasses.asdict(p) for p in points], "matched": table}
+        fig = study_figure(points, f"{name}: {headline} vs parameters kept", headline)
+        fig.savefig(out / f"{stem}-{name}.png", dpi=110, bbox_inches="tight")
+        _plt().close(fig)
+        md += [f"### {name} ({headline})", "", "| SVD | params kept | erank | energy | l1 | best |", "|---|---|---|---|---|---|"]
+        for row in table:
+            cells = [f"{row[k]:.4f}" if row.get(k) is not None else "–" for k in ("erank", "energy", "l1")]
+            md.append(f"| {'data-aware' if row['data_aware'] else 'plain'} | {row['params_ratio']:.3f} | {' | '.join(cells)} | {row['best']} |")
+        md += ["", f"![{name}]({stem}-{name}.png)", ""]
+    for suffix, text in ((".json", json.dumps(doc, indent=1) + "\n"), (".md", "\n".join(md) + "\n")):
+        tmp = out / f"{stem}{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / f"{stem}{suffix}")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

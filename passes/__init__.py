@@ -18,14 +18,7 @@ import onnx_ir as ir
 
 from edgecomp.errors import InputError
 from edgecomp.numerics import Samples
-import importlib
-
-for _mod in ("lowrank_gemm", "lowrank_conv", "tensor_train", "lowrank_embedding"):  # TEMP until all land
-    try:
-        importlib.import_module(f"edgecomp.passes.{_mod}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"edgecomp.passes.{_mod}":
-            raise
+from edgecomp.passes import lowrank_conv, lowrank_embedding, lowrank_gemm, tensor_train  # noqa: F401 (register)
 from edgecomp.passes.base import StatsResult, count_nodes, count_params
 from edgecomp.passes.dead_code import RemoveDeadCode
 from edgecomp.passes.fold_constants import FoldConstants

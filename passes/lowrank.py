@@ -75,9 +75,9 @@ class FactorizableLayer(abc.ABC):
     saves: tuple[str, ...] = ("params", "macs")
 
     def candidate_ranks(self) -> list[int]:
-        """Ranks a global budget tries for this layer (fractions of the full rank, plus small
-        absolute ranks for layers, like tensor-train, whose useful ranks are tiny)."""
-        ranks = {max(1, round(f * self.full_rank)) for f in RANK_LADDER} | {2, 4, 8, 16}
+        """Ranks a global budget tries for this layer: fractions of the full rank (each costs one
+        sensitivity run; the driver drops those that do not pay before measuring)."""
+        ranks = {max(1, round(f * self.full_rank)) for f in RANK_LADDER}
         return sorted((r for r in ranks if r < self.full_rank), reverse=True)
 
     def set_input_moment(self, moment: np.ndarray) -> None:

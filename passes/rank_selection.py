@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Fractions of the full rank tried per layer when allocating a global budget.
-RANK_LADDER = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+RANK_LADDER = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 
 
 def _spectrum(s: Sequence[float]) -> np.ndarray:

@@ -175,6 +175,11 @@ class TTLayer(FactorizableLayer):
 
     method = "tt"
 
+    def candidate_ranks(self) -> list[int]:
+        """TT ranks that pay are tiny next to ``full_rank``: try small absolute ranks too."""
+        small = {r for r in (2, 4, 8, 16) if r < self.full_rank}
+        return sorted(set(super().candidate_ranks()) | small, reverse=True)
+
     def __init__(self, node: ir.Node, weight: np.ndarray, ks: tuple[int, ...], ns: tuple[int, ...],
                  bias: np.ndarray | None, rows: int, stored_shape: tuple[int, ...]) -> None:
         self.name = node.name

@@ -29,13 +29,19 @@ def collect(model: ir.Model, names: Sequence[str], samples: Samples) -> dict[str
     return {name: [r[i] for r in results] for i, name in enumerate(names)}
 
 
-def second_moments(model: ir.Model, names: Sequence[str], samples: Samples) -> dict[str, np.ndarray]:
-    """For each value ``X`` (rows = all leading dims flattened): ``XᵀX / rows`` in float64."""
-    moments: dict[str, np.ndarray] = {}
-    values = collect(model, list(dict.fromkeys(names)), samples)
-    for name, per_sample in values.items():
-        rows = np.concatenate([v.reshape(-1, v.shape[-1]) for v in per_sample]).astype(np.float64)
-        moments[name] = rows.T @ rows / max(1, rows.shape[0])
+def second_moments(
+    model: ir.Model, wanted: Sequence[tuple[str, int]], samples: Samples
+) -> dict[tuple[str, int], np.ndarray]:
+    """For each ``(value name, feature axis)``: ``XᵀX / rows`` in float64, where the rows of ``X``
+    are every position along the other axes (tokens for ``-1``, pixels for NCHW's ``1``)."""
+    wanted = list(dict.fromkeys(wanted))
+    values = collect(model, list(dict.fromkeys(name for name, _ in wanted)), samples)
+    moments: dict[tuple[str, int], np.ndarray] = {}
+    for name, axis in wanted:
+        rows = np.concatenate(
+            [np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis]) for v in values[name]]
+        ).astype(np.float64)
+        moments[(name, axis)] = rows.T @ rows / max(1, rows.shape[0])
     return moments
 
 

@@ -69,8 +69,10 @@ class FactorizableLayer(abc.ABC):
     def apply(self, model: ir.Model, rank: int) -> None:
         """Rewrite the node named ``self.name`` in ``model`` (the original or a copy) in place."""
 
-    #: name of the value feeding the layer, whose second moment makes the layer data-aware
+    #: name of the value feeding the layer, whose second moment makes the layer data-aware, and
+    #: the axis of its features (-1 for MatMul rows, 1 for NCHW channels)
     input_name: str | None = None
+    input_axis: int = -1
     #: what the factorization must reduce to pay (an embedding lookup has no MACs to save)
     saves: tuple[str, ...] = ("params", "macs")
 
@@ -172,12 +174,13 @@ class LowRank(ir.passes.InPlacePass):
         all_layers = self._layers(model)
         layers = [layer for layer in all_layers if not self._small(layer)]
         if self.config.data_aware and self.calib:
-            wanted = [layer.input_name for layer in layers if layer.input_name]
+            wanted = [(layer.input_name, layer.input_axis) for layer in layers if layer.input_name]
             if wanted:
                 moments = activations.second_moments(model, wanted, self.calib)
                 for layer in layers:
-                    if layer.input_name in moments:
-                        layer.set_input_moment(moments[layer.input_name])
+                    key = (layer.input_name, layer.input_axis)
+                    if key in moments:
+                        layer.set_input_moment(moments[key])
 
         chosen: dict[str, int | None]
         global_stats: dict[str, Any] = {}

@@ -46,8 +46,10 @@ included: there is nothing across channels to factor), and every other grouped c
 depthwise kind. Also left alone: weights that are not constant initializers, are graph inputs
 (overridable defaults), feed more than one node (tied), are not float, or are not 4-D (Conv1d/3d).
 
-``error(rank)`` is the relative weight-space error ``‖W − W_r‖_F / ‖W‖_F`` (the layer is not
-data-aware: ``input_name`` stays ``None``). ``cost(rank)`` counts weights + bias and MACs per
+``error(rank)`` is the relative weight-space error ``‖W − W_r‖_F / ‖W‖_F``, except for 1x1 convs,
+which are data-aware like MatMul: with calibration data their input's channel second moment
+whitens the SVD (the math is ``lowrank_gemm.GemmLayer``'s on ``W[:, :, 0, 0]ᵀ``) and the error is
+the output error on the calibration data. ``cost(rank)`` counts weights + bias and MACs per
 inference from the graph's shapes (input and output spatial sizes; an unknown batch counts as 1).
 Decompositions are cached per rank on the layer: the driver asks for the same rank several times.
 """
@@ -65,6 +67,7 @@ import onnx_ir as ir
 
 from edgecomp.errors import InputError
 from edgecomp.passes.lowrank import Cost, FactorizableLayer, LowRankConfig, register_factorizer
+from edgecomp.passes.lowrank_gemm import GemmLayer
 
 __all__ = ["ConvGeometry", "ConvLayer", "find_conv_layers", "CONV_METHODS", "HOOI_ITERS", "CP_ITERS"]
 
@@ -265,7 +268,10 @@ class ConvLayer(FactorizableLayer):
 
     op = "Conv"
 
-    def __init__(self, name: str, weight: np.ndarray, dtype: ir.DataType, geometry: ConvGeometry, method: str) -> None:
+    def __init__(
+        self, name: str, weight: np.ndarray, dtype: ir.DataType, geometry: ConvGeometry, method: str,
+        input_name: str | None = None,
+    ) -> None:
         self.name = name
         self.weight_shape = tuple(int(d) for d in weight.shape)
         self.geometry = geometry
@@ -275,6 +281,19 @@ class ConvLayer(FactorizableLayer):
         self._cache: dict[int, _Decomposition] = {}
         self._spectrum: np.ndarray | None = None
         self._bases: Any = None  # per method: SVD factors or HOSVD bases, computed once
+        # A 1x1 conv is a matrix over channels: x·Wᵀ per pixel. Its (data-aware) SVD is the MatMul one.
+        self._matrix: GemmLayer | None = None
+        if self.method == "svd":
+            self.input_name, self.input_axis = input_name, 1
+            self._matrix = GemmLayer(name, "Conv", self._w[:, :, 0, 0].T, self.weight_shape, input_name=input_name)
+
+    def set_input_moment(self, moment: np.ndarray) -> None:
+        """Channel second moment of the input (1x1 convs only): whitens the SVD."""
+        if self._matrix is not None:
+            self._matrix.set_input_moment(moment)
+            self.method = "whitened-svd" if self._matrix.method == "whitened-svd" else "svd"
+            self._cache.clear()
+            self._spectrum = None
 
     # -- rank bookkeeping ------------------------------------------------------------------------
     @property
@@ -315,8 +334,10 @@ class ConvLayer(FactorizableLayer):
         return self._bases
 
     def spectrum(self) -> np.ndarray:
+        if self._matrix is not None:
+            return self._matrix.spectrum()
         if self._spectrum is None:
-            if self.method in ("svd", "spatial"):
+            if self.method == "spatial":
                 s = self._matrix_svd()[1]
             else:
                 g = self.geometry
@@ -363,18 +384,17 @@ class ConvLayer(FactorizableLayer):
         """The chain of conv weights (float64) and attributes at ``rank`` (cached per rank)."""
         rank = self._clip(rank)
         if rank not in self._cache:
-            build = {"svd": self._svd, "spatial": self._spatial, "tucker2": self._tucker2, "cp": self._cp}[self.method]
+            build = self._svd if self._matrix is not None else {"spatial": self._spatial, "tucker2": self._tucker2, "cp": self._cp}[self.method]
             self._cache[rank] = build(rank)
         return self._cache[rank]
 
     def _svd(self, r: int) -> _Decomposition:
         g = self.geometry
-        u, s, vt = self._matrix_svd()
-        root = np.sqrt(s[:r])
-        first = (root[:, None] * vt[:r])[:, :, None, None]  # [r, Cin, 1, 1]
-        last = (u[:, :r] * root[None, :])[:, :, None, None]  # [Cout, r, 1, 1]
+        a, b = self._matrix.factors(r)  # Wᵀ ≈ A·B, A: [Cin, r], B: [r, Cout]
+        first = a.T.astype(np.float64)[:, :, None, None]  # [r, Cin, 1, 1]
+        last = b.T.astype(np.float64)[:, :, None, None]  # [Cout, r, 1, 1]
         attrs = g.attrs("hw", (1, 1))  # the original 1x1's stride/pads/auto_pad
-        return _Decomposition([(first, attrs), (last, g.attrs("", (1, 1)))], _tail_error(s, r))
+        return _Decomposition([(first, attrs), (last, g.attrs("", (1, 1)))], self._matrix.error(r))
 
     def _spatial(self, r: int) -> _Decomposition:
         g = self.geometry
@@ -542,7 +562,8 @@ def find_conv_layers(model: ir.Model, method: str) -> list[ConvLayer]:
 
     inferred = {} if all(known(n.inputs[0]) and known(n.outputs[0]) for n, _ in found) else _infer_shapes(model)
     return [
-        ConvLayer(node.name, weight, node.inputs[1].dtype, _geometry(node, tuple(weight.shape), inferred), method)
+        ConvLayer(node.name, weight, node.inputs[1].dtype, _geometry(node, tuple(weight.shape), inferred), method,
+                  input_name=node.inputs[0].name)
         for node, weight in found
     ]
 

@@ -418,3 +418,48 @@ def test_rewritten_graph_imports_into_tvm_and_matches_ort():
     got = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in rm.params])
     got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
     assert rel(got, ref) < TOL
+
+
+def test_pointwise_conv_is_data_aware_with_calibration_data():
+    """A 1x1 conv whose input channels have very unequal variance: the whitened SVD (channel
+    moment over all pixels) beats plain SVD on held-out inputs at the same rank."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecomp.numerics import run_ort
+    from edgecomp.passes.lowrank import LowRank, LowRankConfig
+    from edgecomp.passes.rank_selection import parse_policy
+
+    rng = np.random.default_rng(0)
+    cin, cout = 48, 48
+    w = (rng.standard_normal((cout, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="pw")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 6, 6])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    scale = np.logspace(0, -2, cin).astype(np.float32)[None, :, None, None]
+
+    def draw(n):
+        return [{"x": (rng.standard_normal((1, cin, 6, 6)).astype(np.float32) * scale)} for _ in range(n)]
+
+    calib, held_out = draw(32), draw(16)
+    ref = run_ort(model, held_out)
+
+    def rel_error(data_aware: bool) -> tuple[float, str]:
+        cfg = LowRankConfig(policy=parse_policy("rank:8"), layers=("conv",), data_aware=data_aware, min_params=0)
+        result = LowRank(cfg, calib)(ir.serde.deserialize_model(model))
+        (layer,) = result.layers
+        assert layer["decision"] == "factorized"
+        got = run_ort(ir.serde.serialize_model(result.model), held_out)
+        num = sum(float(np.sum((g[0] - r[0]) ** 2)) for g, r in zip(got, ref))
+        den = sum(float(np.sum(r[0] ** 2)) for r in ref)
+        return np.sqrt(num / den), layer["method"]
+
+    plain, m_plain = rel_error(False)
+    whitened, m_white = rel_error(True)
+    assert (m_plain, m_white) == ("svd", "whitened-svd")
+    assert whitened < 0.7 * plain  # measured: 0.41 vs 0.73

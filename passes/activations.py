@@ -31,17 +31,17 @@ def collect(model: ir.Model, names: Sequence[str], samples: Samples) -> dict[str
 
 def second_moments(
     model: ir.Model, wanted: Sequence[tuple[str, int]], samples: Samples
-) -> dict[tuple[str, int], np.ndarray]:
-    """For each ``(value name, feature axis)``: ``XᵀX / rows`` in float64, where the rows of ``X``
-    are every position along the other axes (tokens for ``-1``, pixels for NCHW's ``1``)."""
+) -> dict[tuple[str, int], tuple[np.ndarray, int]]:
+    """For each ``(value name, feature axis)``: ``(XᵀX / rows, rows)`` in float64, where the rows
+    of ``X`` are every position along the other axes (tokens for ``-1``, pixels for NCHW's ``1``)."""
     wanted = list(dict.fromkeys(wanted))
     values = collect(model, list(dict.fromkeys(name for name, _ in wanted)), samples)
-    moments: dict[tuple[str, int], np.ndarray] = {}
+    moments: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
     for name, axis in wanted:
         rows = np.concatenate(
             [np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis]) for v in values[name]]
         ).astype(np.float64)
-        moments[(name, axis)] = rows.T @ rows / max(1, rows.shape[0])
+        moments[(name, axis)] = (rows.T @ rows / max(1, rows.shape[0]), int(rows.shape[0]))
     return moments
 
 

@@ -82,8 +82,8 @@ class FactorizableLayer(abc.ABC):
         ranks = {max(1, round(f * self.full_rank)) for f in RANK_LADDER}
         return sorted((r for r in ranks if r < self.full_rank), reverse=True)
 
-    def set_input_moment(self, moment: np.ndarray) -> None:
-        """Second moment ``XᵀX/n`` of the layer's input (data-aware decompositions use it)."""
+    def set_input_moment(self, moment: np.ndarray, rows: int | None = None) -> None:
+        """Second moment ``XᵀX/rows`` of the layer's input (data-aware decompositions use it)."""
 
 
 # A factorizer: (model, config) → layers it can rewrite.
@@ -180,7 +180,7 @@ class LowRank(ir.passes.InPlacePass):
                 for layer in layers:
                     key = (layer.input_name, layer.input_axis)
                     if key in moments:
-                        layer.set_input_moment(moments[key])
+                        layer.set_input_moment(*moments[key])
 
         chosen: dict[str, int | None]
         global_stats: dict[str, Any] = {}

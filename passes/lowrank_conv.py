@@ -287,10 +287,10 @@ class ConvLayer(FactorizableLayer):
             self.input_name, self.input_axis = input_name, 1
             self._matrix = GemmLayer(name, "Conv", self._w[:, :, 0, 0].T, self.weight_shape, input_name=input_name)
 
-    def set_input_moment(self, moment: np.ndarray) -> None:
+    def set_input_moment(self, moment: np.ndarray, rows: int | None = None) -> None:
         """Channel second moment of the input (1x1 convs only): whitens the SVD."""
         if self._matrix is not None:
-            self._matrix.set_input_moment(moment)
+            self._matrix.set_input_moment(moment, rows)
             self.method = "whitened-svd" if self._matrix.method == "whitened-svd" else "svd"
             self._cache.clear()
             self._spectrum = None

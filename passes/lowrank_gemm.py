@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 #: moment (fewer calibration rows than K, or inputs confined to a subspace) factorizable, small
 #: enough not to change the weighting of real directions.
 RIDGE = 1e-6
+# With fewer calibration rows than input features the moment is rank-deficient and whitening fits
+# the calibration set: shrink toward the identity by SHRINK·min(1, K/rows) of the mean diagonal.
+# Measured on MobileNetV2's classifier (K=1280, 120 calibration rows), held-out top-1 agreement at
+# ranks 64/128/256: ridge 1e-6 → 0.33/0.64/0.83, 0.1 → 0.55/0.74/0.88, plain SVD 0.59/0.67/0.81.
+SHRINK = 0.1
 
 
 def whitening_factor(moment: np.ndarray, ridge: float = RIDGE) -> np.ndarray | None:
@@ -101,6 +106,7 @@ class GemmLayer(FactorizableLayer):
         self.bias_params = int(bias_params)
         self.whiten = whiten
         self._moment: np.ndarray | None = None
+        self._ridge = RIDGE
         self._svd: tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # -- shape and cost --------------------------------------------------------------------------
@@ -134,12 +140,14 @@ class GemmLayer(FactorizableLayer):
         return Cost(r * (self.k + self.n) + self.bias_params, self.rows * r * (self.k + self.n))
 
     # -- decomposition ---------------------------------------------------------------------------
-    def set_input_moment(self, moment: np.ndarray) -> None:
+    def set_input_moment(self, moment: np.ndarray, rows: int | None = None) -> None:
+        """``XᵀX/rows`` of the input; ``rows`` (when known) sets the shrinkage of the whitening."""
         moment = np.asarray(moment, dtype=np.float64)
         if moment.shape != (self.k, self.k):
             log.warning("%s: input moment %s does not match K=%d; ignored", self.name, moment.shape, self.k)
             return
         self._moment = moment
+        self._ridge = RIDGE if not rows else max(RIDGE, SHRINK * min(1.0, self.k / rows))
         self._svd = None
 
     def _decompose(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -153,7 +161,7 @@ class GemmLayer(FactorizableLayer):
             return self._svd
         w = self.weight
         m = self._moment
-        chol = whitening_factor(m) if (m is not None and self.whiten) else None
+        chol = whitening_factor(m, self._ridge) if (m is not None and self.whiten) else None
         if m is not None and self.whiten and chol is None:
             log.warning("%s: input moment unusable (zero or non-finite); plain SVD", self.name)
         target = chol.T @ w if chol is not None else w

@@ -252,7 +252,7 @@ class TTLayer(FactorizableLayer):
             out = np.einsum("abr,rknq->akbnq", out, g).reshape(out.shape[0] * g.shape[1], out.shape[1] * g.shape[2], g.shape[3])
         return out[:, :, 0]
 
-    def set_input_moment(self, moment: np.ndarray) -> None:
+    def set_input_moment(self, moment: np.ndarray, rows: int | None = None) -> None:
         self._moment = np.asarray(moment, dtype=np.float64)
         self._errors.clear()
 

@@ -321,3 +321,21 @@ def test_rewritten_graph_compiles_with_tvm_and_matches_ort():
     (expected,), = run_ort(out, [{"x": x}])
     got = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in rm.params])
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_whitening_shrinks_when_calibration_rows_are_few():
+    """Fewer calibration rows than input features: the moment is rank-deficient and the whitening
+    is shrunk toward the identity (SHRINK·K/rows of the mean diagonal), not fitted to the sample."""
+    from edgecomp.passes.lowrank_gemm import RIDGE, SHRINK, GemmLayer
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32))
+    x = rng.standard_normal((16, 64))  # 16 rows < K = 64
+    layer = GemmLayer("fc", "MatMul", w, w.shape, input_name="x")
+    layer.set_input_moment(x.T @ x / 16, rows=16)
+    assert layer._ridge == pytest.approx(SHRINK)
+    layer.set_input_moment(x.T @ x / 16, rows=64 * 1000)
+    assert layer._ridge == pytest.approx(max(RIDGE, SHRINK / 1000))
+    # The shrunk whitening still factorizes exactly at full rank.
+    a, b = layer.factors(32)
+    np.testing.assert_allclose(a @ b, w, atol=1e-4)

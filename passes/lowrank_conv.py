@@ -299,7 +299,7 @@ class ConvLayer(FactorizableLayer):
     @property
     def full_rank(self) -> int:
         g = self.geometry
-        if self.method == "svd":
+        if self._matrix is not None:
             return min(g.cout, g.cin)
         if self.method == "spatial":
             return min(g.cin * g.kh, g.cout * g.kw)
@@ -316,12 +316,10 @@ class ConvLayer(FactorizableLayer):
         return min(r_out, r_in * k), min(r_in, r_out * k)
 
     def _matrix_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SVD of the spatial unfolding: rows (c, i), columns (o, j) (1x1 convs use ``_matrix``)."""
         if self._bases is None:
             g = self.geometry
-            if self.method == "svd":
-                m = self._w[:, :, 0, 0]  # [Cout, Cin]
-            else:  # spatial: rows (c, i), columns (o, j)
-                m = self._w.transpose(1, 2, 0, 3).reshape(g.cin * g.kh, g.cout * g.kw)
+            m = self._w.transpose(1, 2, 0, 3).reshape(g.cin * g.kh, g.cout * g.kw)
             self._bases = np.linalg.svd(m, full_matrices=False)
         return self._bases
 
@@ -356,7 +354,7 @@ class ConvLayer(FactorizableLayer):
         if rank is None:
             k = g.cin * g.kh * g.kw
             return Cost(g.cout * k + bias, n * g.cout * k * pout)
-        if self.method == "svd":
+        if self._matrix is not None:
             r = self._clip(rank)
             return Cost(r * (g.cin + g.cout) + bias, n * r * (g.cin + g.cout) * pout)
         if self.method == "spatial":

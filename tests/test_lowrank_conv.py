@@ -431,7 +431,7 @@ def test_pointwise_conv_is_data_aware_with_calibration_data():
     from edgecomp.passes.rank_selection import parse_policy
 
     rng = np.random.default_rng(0)
-    cin, cout = 48, 48
+    cin, cout = 48, 24
     w = (rng.standard_normal((cout, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
     g = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["y"], name="pw")],
@@ -454,6 +454,8 @@ def test_pointwise_conv_is_data_aware_with_calibration_data():
         result = LowRank(cfg, calib)(ir.serde.deserialize_model(model))
         (layer,) = result.layers
         assert layer["decision"] == "factorized"
+        # Whitened or not, a 1x1 conv is a [Cout, Cin] matrix: same rank bound and costs.
+        assert layer["full_rank"] == 24 and layer["params"] == [cin * cout, 8 * (cin + cout)]
         got = run_ort(ir.serde.serialize_model(result.model), held_out)
         num = sum(float(np.sum((g[0] - r[0]) ** 2)) for g, r in zip(got, ref))
         den = sum(float(np.sum(r[0] ** 2)) for r in ref)

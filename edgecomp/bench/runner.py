@@ -44,7 +44,7 @@ CONFIGS = ("ort-fp32", "ort-int8", "edgecomp", "edgecomp-lowrank")
 # The low-rank setting each model is benchmarked with: a global budget, allocated by sensitivity.
 LOWRANK_POLICIES: dict[str, LowRankConfig] = {
     "digits-cnn": LowRankConfig(policy=parse_policy("budget:params=2x"), layers=("gemm", "conv")),
-    "mobilenetv2": LowRankConfig(policy=parse_policy("budget:params=1.25x"), layers=("gemm", "conv"), max_sensitivity=16),
+    "mobilenetv2": LowRankConfig(policy=parse_policy("budget:cosine=0.99"), layers=("gemm", "conv"), max_sensitivity=16),
     "minilm": LowRankConfig(policy=parse_policy("budget:params=1.3x"), layers=("gemm", "embedding"), max_sensitivity=16),
 }
 

@@ -51,7 +51,7 @@ def test_run_study_on_a_tiny_mlp():
                               for o, r in zip(outputs, ref)]))
 
     points = run_study(model, samples, score, samples, layers=("gemm",), families=("energy",), data_aware=(False,))
-    assert len(points) == 10
+    assert len(points) == 12
     # Lower energy keeps fewer params, and the full-energy points keep (nearly) all the accuracy.
     by_policy = {p.policy: p for p in points}
     assert by_policy["energy:0.5"].params_ratio < by_policy["energy:0.995"].params_ratio

@@ -29,9 +29,9 @@ __all__ = ["SWEEPS", "StudyPoint", "run_study", "at_ratio", "common_ratios", "ma
 log = logging.getLogger(__name__)
 
 SWEEPS: dict[str, Sequence[str]] = {
-    "erank": [f"erank:{s}" for s in (0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)],
-    "energy": [f"energy:{f}" for f in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995)],
-    "l1": [f"l1:{f}" for f in (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)],
+    "erank": [f"erank:{s}" for s in (0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)],
+    "energy": [f"energy:{f}" for f in (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)],
+    "l1": [f"l1:{f}" for f in (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)],
 }
 
 

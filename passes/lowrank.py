@@ -127,6 +127,15 @@ class LowRankConfig:
     max_sensitivity: int = 64
 
 
+def _spread(samples: list, count: int) -> list:
+    """``count`` samples spread evenly over ``samples`` (calibration sets are often ordered by
+    source, e.g. 20 views of one photo after another: the first ``count`` would be one photo)."""
+    if len(samples) <= count:
+        return samples
+    idx = np.linspace(0, len(samples) - 1, count).round().astype(int)
+    return [samples[i] for i in idx]
+
+
 class LowRank(ir.passes.InPlacePass):
     """Factorize layers by low-rank decomposition (lossy: checked against the accuracy budget)."""
 
@@ -140,7 +149,7 @@ class LowRank(ir.passes.InPlacePass):
         if config.policy.is_global and not calib:
             raise InputError(f"--lowrank {config.policy}: a global budget needs calibration data (--calib)")
         self.config = config
-        self.calib = list(calib or [])[: config.max_calib]
+        self.calib = _spread(list(calib or []), config.max_calib)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _layers(self, model: ir.Model) -> list[FactorizableLayer]:
@@ -249,7 +258,7 @@ class LowRank(ir.passes.InPlacePass):
         from edgecomp.numerics import Tolerance, compare
 
         budget = self.config.policy
-        calib = self.calib[: self.config.max_sensitivity]
+        calib = _spread(self.calib, self.config.max_sensitivity)
         reference = activations.model_outputs(model, calib)
         names = [o.name for o in model.graph.outputs]
 

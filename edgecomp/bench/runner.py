@@ -4,7 +4,7 @@ For each model, in one process run and side by side:
 
 - ``ort-fp32``  ONNX Runtime on the original model (the baseline);
 - ``ort-int8``  ONNX Runtime's own ``quantize_static`` (QDQ, per-channel int8 weights, MinMax
-  calibration on the model's calibration split);
+  calibration on the model's calibration split, Conv/MatMul/Gemm quantized);
 - ``edgecomp``  an edgecomp host bundle with the default (cleanup) passes, untuned TVM code;
 - ``edgecomp-lowrank`` the same with the low-rank pass under the model's budget policy.
 
@@ -108,6 +108,7 @@ def _quantize_int8(assets: bench_models.ModelAssets, out: Path) -> None:
         per_channel=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
     pre.unlink()

@@ -19,7 +19,17 @@ __all__ = ["collect", "second_moments", "model_outputs"]
 
 
 def collect(model: ir.Model, names: Sequence[str], samples: Samples) -> dict[str, list[np.ndarray]]:
-    """Values named ``names`` (per sample) when ``model`` runs on ``samples``."""
+    """Values named ``names`` (per sample) when ``model`` runs on ``samples`` (graph inputs are
+    taken from the samples themselves)."""
+    fed = [n for n in names if samples and n in samples[0]]
+    inner = [n for n in names if n not in fed]
+    out = {n: [s[n] for s in samples] for n in fed}
+    if inner:
+        out.update(_run_with_outputs(model, inner, samples))
+    return out
+
+
+def _run_with_outputs(model: ir.Model, names: Sequence[str], samples: Samples) -> dict[str, list[np.ndarray]]:
     proto = ir.serde.serialize_model(model)
     have = {o.name for o in proto.graph.output}
     for name in names:

@@ -73,6 +73,8 @@ class FactorizableLayer(abc.ABC):
     #: the axis of its features (-1 for MatMul rows, 1 for NCHW channels)
     input_name: str | None = None
     input_axis: int = -1
+    #: which statistic of that input the layer wants: "moment" (XᵀX) or "counts" (ids looked up)
+    input_stat: str = "moment"
     #: what the factorization must reduce to pay (an embedding lookup has no MACs to save)
     saves: tuple[str, ...] = ("params", "macs")
 
@@ -84,6 +86,9 @@ class FactorizableLayer(abc.ABC):
 
     def set_input_moment(self, moment: np.ndarray, rows: int | None = None) -> None:
         """Second moment ``XᵀX/rows`` of the layer's input (data-aware decompositions use it)."""
+
+    def set_input_counts(self, counts: np.ndarray) -> None:
+        """How often each id was looked up (layers with ``input_stat == "counts"``)."""
 
 
 # A factorizer: (model, config) → layers it can rewrite.
@@ -183,13 +188,7 @@ class LowRank(ir.passes.InPlacePass):
         all_layers = self._layers(model)
         layers = [layer for layer in all_layers if not self._small(layer)]
         if self.config.data_aware and self.calib:
-            wanted = [(layer.input_name, layer.input_axis) for layer in layers if layer.input_name]
-            if wanted:
-                moments = activations.second_moments(model, wanted, self.calib)
-                for layer in layers:
-                    key = (layer.input_name, layer.input_axis)
-                    if key in moments:
-                        layer.set_input_moment(*moments[key])
+            self._set_input_statistics(model, layers)
 
         chosen: dict[str, int | None]
         global_stats: dict[str, Any] = {}
@@ -234,6 +233,24 @@ class LowRank(ir.passes.InPlacePass):
         if modified:  # the dense weights of rewritten layers are now unused
             ir.passes.common.RemoveUnusedNodesPass()(model)
         return StatsResult(model, modified, stats=stats, layers=records)
+
+    def _set_input_statistics(self, model: ir.Model, layers: Sequence[FactorizableLayer]) -> None:
+        """Give data-aware layers their calibration statistics (one ORT run for all of them)."""
+        wanted = [(layer.input_name, layer.input_axis) for layer in layers if layer.input_name and layer.input_stat == "moment"]
+        if wanted:
+            moments = activations.second_moments(model, wanted, self.calib)
+            for layer in layers:
+                key = (layer.input_name, layer.input_axis)
+                if layer.input_stat == "moment" and key in moments:
+                    layer.set_input_moment(*moments[key])
+        counted = [layer for layer in layers if layer.input_name and layer.input_stat == "counts"]
+        if counted:
+            ids = activations.collect(model, [layer.input_name for layer in counted], self.calib)
+            for layer in counted:
+                flat = np.concatenate([v.ravel() for v in ids[layer.input_name]]).astype(np.int64)
+                size = layer.weight_shape[0]
+                flat = np.where(flat < 0, flat + size, flat)  # Gather allows negative ids
+                layer.set_input_counts(np.bincount(flat[(flat >= 0) & (flat < size)], minlength=size))
 
     def _record(self, layer: FactorizableLayer, rank: int | None) -> dict[str, Any]:
         s = layer.spectrum()

@@ -6,6 +6,14 @@ are split evenly so both factors have the same scale, which later int8 quantizat
 The lookup stays a lookup; each looked-up row costs ``r·D`` MACs more. That trade is memory for
 compute, so such a layer "pays" on params alone (see :attr:`EmbeddingLayer.saves`).
 
+**Data-aware (frequency-weighted) SVD.** With calibration data the driver counts how often each
+id is looked up, and the SVD minimises the *expected* error of a looked-up row,
+``Σ_v w_v ‖T_v − Â_v‖²`` with ``w_v = count_v + λ``: the SVD of ``diag(√w)·T``, unscaled
+afterwards. ``λ = 0.1`` keeps unseen ids approximated. Measured on all-MiniLM-L6-v2 (128
+calibration sentences, 3,632 tokens, 788 distinct ids; 128 held-out sentences), embedding table
+alone at rank 192: mean sentence-embedding cosine 0.79 plain, 0.98 weighted (rank 96: 0.55 vs
+0.92; λ = 0.01/0.1/1: 0.982/0.982/0.965).
+
 Tables shared with another node (tied input/output embeddings) are left alone: factorizing the
 lookup would not free the table.
 """
@@ -49,19 +57,35 @@ class EmbeddingLayer(FactorizableLayer):
     #: what the factorized layer must save to pay: params only (MACs go up from 0 by design).
     #: Read by the driver's "only when it pays" rule once it supports it (see the report).
     saves = ("params",)
-    #: ids are integers: no input moment to whiten with
-    input_name = None
+    #: ids are integers: the statistic is how often each id is looked up, not a moment
+    input_stat = "counts"
+    #: smoothing of the id counts (see the module docstring)
+    SMOOTHING = 0.1
 
     def __init__(self, node: ir.Node, table: np.ndarray, n_ids: int) -> None:
         self.name = node.name
         self.weight_shape = tuple(table.shape)
         self.n_ids = n_ids
+        self.input_name = node.inputs[1].name
         self._dtype = table.dtype
         self._table = table.astype(np.float64)
+        self._row_weight: np.ndarray | None = None  # √(count + λ) per row, once counts are known
+
+    def set_input_counts(self, counts: np.ndarray) -> None:
+        """How often each id was looked up on the calibration data: weights the SVD."""
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (self.weight_shape[0],):
+            log.warning("%s: id counts %s do not match the table %s; ignored", self.name, counts.shape, self.weight_shape)
+            return
+        self._row_weight = np.sqrt(counts + self.SMOOTHING)
+        self.method = "weighted-svd"
+        self.__dict__.pop("_svd", None)
 
     @functools.cached_property
     def _svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return np.linalg.svd(self._table, full_matrices=False)
+        """SVD of ``T`` (or of ``diag(√w)·T``: the errors it ranks are then frequency-weighted)."""
+        target = self._table if self._row_weight is None else self._table * self._row_weight[:, None]
+        return np.linalg.svd(target, full_matrices=False)
 
     @property
     def full_rank(self) -> int:
@@ -77,7 +101,8 @@ class EmbeddingLayer(FactorizableLayer):
         return Cost(rank * (v + d), self.n_ids * rank * d)
 
     def error(self, rank: int) -> float:
-        """‖T − A·B‖_F / ‖T‖_F over all rows (exact from the singular values)."""
+        """‖T − A·B‖_F / ‖T‖_F over all rows, frequency-weighted once counts are known (exact
+        from the singular values)."""
         s2 = self._svd[1] ** 2
         total = float(s2.sum())
         return float(np.sqrt(max(float(s2[int(rank):].sum()), 0.0) / total)) if total > 0 else 0.0
@@ -86,7 +111,10 @@ class EmbeddingLayer(FactorizableLayer):
         """``A [V, r]``, ``B [r, D]`` in the table's dtype."""
         u, s, vt = self._svd
         root = np.sqrt(s[:rank])
-        return (u[:, :rank] * root).astype(self._dtype), (root[:, None] * vt[:rank]).astype(self._dtype)
+        a = u[:, :rank] * root
+        if self._row_weight is not None:
+            a = a / self._row_weight[:, None]
+        return a.astype(self._dtype), (root[:, None] * vt[:rank]).astype(self._dtype)
 
     def apply(self, model: ir.Model, rank: int) -> None:
         graph = model.graph

@@ -42,9 +42,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"lowrank-study-{datetime.date.today().isoformat()}"
-    doc: dict = {"command": " ".join(["python", "tools/bench_lowrank.py", *sys.argv[1:]]), "models": {}}
-    md = [f"Command: `{doc['command']}`. Metric at matched parameter ratios (whole model), interpolated on each "
-          "policy's curve (made monotone); `best` = the family with the highest metric.", ""]
+    # Models studied in earlier runs of the same day are kept: one document for all of them.
+    doc_path = out / f"{stem}.json"
+    doc: dict = json.loads(doc_path.read_text()) if doc_path.exists() else {"models": {}}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         assets = bench_models.fetch(name)
         model = load_onnx(assets.onnx)
@@ -62,13 +62,25 @@ def main() -> int:
         print(f"== {name}: {len(eval_feeds)} eval samples, {len(calib)} calib samples, metric {headline}", file=sys.stderr)
         points = run_study(model, eval_feeds, score, calib, layers=LAYERS[name],
                            progress=lambda s: print("  " + s, file=sys.stderr, flush=True))
-        table = matched_table(points)
-        doc["models"][name] = {"metric": headline, "points": [dataclasses.asdict(p) for p in points], "matched": table}
+        doc["models"][name] = {
+            "command": " ".join(["python", "tools/bench_lowrank.py", *sys.argv[1:]]),
+            "metric": headline,
+            "eval_samples": len(eval_feeds),
+            "calib_samples": len(calib),
+            "layers": list(LAYERS[name]),
+            "points": [dataclasses.asdict(p) for p in points],
+            "matched": matched_table(points),
+        }
         fig = study_figure(points, f"{name}: {headline} vs parameters kept", headline)
         fig.savefig(out / f"{stem}-{name}.png", dpi=110, bbox_inches="tight")
         _plt().close(fig)
-        md += [f"### {name} ({headline})", "", "| SVD | params kept | erank | energy | l1 | best |", "|---|---|---|---|---|---|"]
-        for row in table:
+    md = ["Metric at matched parameter ratios (whole model), interpolated on each policy's curve (made "
+          "monotone); `best` = the family with the highest metric (`tie`: top two within 1e-6).", ""]
+    for name, entry in doc["models"].items():
+        md += [f"### {name} ({entry['metric']}; {entry['eval_samples']} eval samples, layers {', '.join(entry['layers'])})",
+               "", f"`{entry['command']}`", "",
+               "| SVD | params kept | erank | energy | l1 | best |", "|---|---|---|---|---|---|"]
+        for row in entry["matched"]:
             cells = [f"{row[k]:.4f}" if row.get(k) is not None else "–" for k in ("erank", "energy", "l1")]
             md.append(f"| {'data-aware' if row['data_aware'] else 'plain'} | {row['params_ratio']:.3f} | {' | '.join(cells)} | {row['best']} |")
         md += ["", f"![{name}]({stem}-{name}.png)", ""]

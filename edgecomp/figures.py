@@ -13,10 +13,11 @@ import io
 import math
 from typing import Any, Sequence
 
-__all__ = ["png_data_uri", "spectra_figure", "waterfall_figure", "html_page", "bundle_html"]
+__all__ = ["pyplot", "png_data_uri", "spectra_figure", "waterfall_figure", "html_page", "table_html", "bundle_html"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,13 +29,13 @@ def _plt():
 def png_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def spectra_figure(layers: Sequence[dict[str, Any]], max_panels: int = 24):
     """Normalized singular values per layer (log scale), the chosen rank as a vertical line."""
-    plt = _plt()
+    plt = pyplot()
     layers = [layer for layer in layers if layer.get("spectrum")][:max_panels]
     if not layers:
         return None
@@ -60,7 +61,7 @@ def spectra_figure(layers: Sequence[dict[str, Any]], max_panels: int = 24):
 
 def waterfall_figure(steps: Sequence[tuple[str, float]], unit: str = "KiB"):
     """Bars of a size through the stages, each labelled with its value."""
-    plt = _plt()
+    plt = pyplot()
     if not steps:
         return None
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(steps)), 2.8))

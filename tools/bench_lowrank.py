@@ -36,7 +36,7 @@ def main() -> int:
 
     from edgecomp.bench import models as bench_models
     from edgecomp.bench.lowrank_study import matched_table, run_study, study_figure
-    from edgecomp.figures import _plt
+    from edgecomp.figures import pyplot
     from edgecomp.importer import load_onnx
 
     out = Path(args.out)
@@ -73,7 +73,7 @@ def main() -> int:
         }
         fig = study_figure(points, f"{name}: {headline} vs parameters kept", headline)
         fig.savefig(out / f"{stem}-{name}.png", dpi=110, bbox_inches="tight")
-        _plt().close(fig)
+        pyplot().close(fig)
     md = ["Metric at matched parameter ratios (whole model), interpolated on each policy's curve (made "
           "monotone); `best` = the family with the highest metric (`tie`: top two within 1e-6).", ""]
     for name, entry in doc["models"].items():

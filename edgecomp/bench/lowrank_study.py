@@ -156,9 +156,9 @@ def matched_table(points: Sequence[StudyPoint], ratios: Sequence[float] | None =
 
 def study_figure(points: Sequence[StudyPoint], title: str, metric_name: str):
     """Metric vs params kept, one curve per policy family (solid: data-aware, dashed: plain)."""
-    from edgecomp.figures import _plt
+    from edgecomp.figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = {"erank": "tab:red", "energy": "tab:blue", "l1": "tab:green"}
     for family in sorted({p.family for p in points}):

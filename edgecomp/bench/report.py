@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from edgecomp.figures import _plt, html_page, png_data_uri, spectra_figure
+from edgecomp.figures import pyplot, html_page, png_data_uri, spectra_figure
 
 __all__ = ["bench_html"]
 
@@ -14,7 +14,7 @@ __all__ = ["bench_html"]
 def _model_figure(rows: list[dict[str, Any]], name: str):
     from edgecomp.bench.runner import headline
 
-    plt = _plt()
+    plt = pyplot()
     ok = [r for r in rows if not r.get("error")]
     if not ok:
         return None

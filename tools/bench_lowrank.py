@@ -30,12 +30,13 @@ def main() -> int:
     p.add_argument("--eval-limit", type=int, help="score on the first N evaluation samples only")
     p.add_argument("--calib-limit", type=int, default=128, help="calibration samples for data-aware SVD")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the day's JSON, run nothing")
     args = p.parse_args()
 
     import dataclasses
 
     from edgecomp.bench import models as bench_models
-    from edgecomp.bench.lowrank_study import matched_table, run_study, study_figure
+    from edgecomp.bench.lowrank_study import StudyPoint, matched_table, run_study, study_figure
     from edgecomp.figures import pyplot
     from edgecomp.importer import load_onnx
 
@@ -45,7 +46,7 @@ def main() -> int:
     # Models studied in earlier runs of the same day are kept: one document for all of them.
     doc_path = out / f"{stem}.json"
     doc: dict = json.loads(doc_path.read_text()) if doc_path.exists() else {"models": {}}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for name in [] if args.report_only else [m.strip() for m in args.models.split(",") if m.strip()]:
         assets = bench_models.fetch(name)
         model = load_onnx(assets.onnx)
         eval_feeds = assets.feeds("eval")[: args.eval_limit]
@@ -80,6 +81,7 @@ def main() -> int:
         md += [f"### {name} ({entry['metric']}; {entry['eval_samples']} eval samples, layers {', '.join(entry['layers'])})",
                "", f"`{entry['command']}`", "",
                "| SVD | params kept | erank | energy | l1 | best |", "|---|---|---|---|---|---|"]
+        entry["matched"] = matched_table([StudyPoint(**p) for p in entry["points"]])
         for row in entry["matched"]:
             cells = [f"{row[k]:.4f}" if row.get(k) is not None else "–" for k in ("erank", "energy", "l1")]
             md.append(f"| {'data-aware' if row['data_aware'] else 'plain'} | {row['params_ratio']:.3f} | {' | '.join(cells)} | {row['best']} |")

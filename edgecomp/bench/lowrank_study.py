@@ -115,8 +115,9 @@ def at_ratio(points: Sequence[StudyPoint], ratio: float) -> float | None:
     return float(np.interp(ratio, xs, ys))
 
 
-def common_ratios(points: Sequence[StudyPoint], count: int = 4) -> list[float]:
-    """``count`` params ratios inside every curve's range (where all families can be compared)."""
+def common_ratios(points: Sequence[StudyPoint], count: int = 5) -> list[float]:
+    """``count`` params ratios inside every curve's range (where all families can be compared),
+    spaced geometrically: accuracy changes most at small ratios and saturates near 1."""
     lo, hi = 0.0, 1.0
     for aware in {p.data_aware for p in points}:
         for family in {p.family for p in points}:
@@ -125,7 +126,7 @@ def common_ratios(points: Sequence[StudyPoint], count: int = 4) -> list[float]:
                 lo, hi = max(lo, min(xs)), min(hi, max(xs))
     if hi <= lo:
         return []
-    return [round(float(r), 3) for r in np.linspace(lo, hi, count + 2)[1:-1]]
+    return [round(float(r), 3) for r in np.geomspace(lo, hi, count + 2)[1:-1]]
 
 
 def matched_table(points: Sequence[StudyPoint], ratios: Sequence[float] | None = None) -> list[dict[str, Any]]:

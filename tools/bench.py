@@ -28,12 +28,21 @@ def main() -> int:
     p.add_argument("--eval-limit", type=int, help="score on the first N evaluation samples only")
     p.add_argument("--quick", action="store_true", help="digits-cnn only, 20 reps: a CI smoke run")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder")
+    p.add_argument("--report-only", metavar="JSON", help="rewrite the Markdown and HTML of a results JSON, run nothing")
     args = p.parse_args()
     # TVM's thread pool reads this when it starts: set it before anything imports tvm.
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     from edgecomp.bench.runner import markdown_table, run_benchmark, write_results
     from edgecomp.errors import EdgecompError
 
+    if args.report_only:
+        import json
+
+        src = Path(args.report_only)
+        doc = json.loads(src.read_text())
+        write_results(doc, src.parent, src.stem)
+        print(markdown_table(doc))
+        return 0
     models = ["digits-cnn"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
     reps = 20 if args.quick else args.reps
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -305,6 +305,26 @@ def markdown_table(doc: dict[str, Any]) -> str:
             f"{key} {value:.4f}{extra} | {lat['median_ms']:.3f} | {lat['p10_ms']:.3f}–{lat['p90_ms']:.3f} | "
             f"{r.get('latency_ratio_vs_ort_fp32', float('nan')):.2f}× | {r['build_s']:.1f} |"
         )
+    lowrank = [r for r in doc["results"] if not r.get("error") and r.get("passes")]
+    if lowrank:
+        lines += [
+            "",
+            "Low-rank pass (parameters and MACs of the factorizable layers, and of the whole model):",
+            "",
+            "| model | policy | layers factorized | layer params kept | layer MACs kept | model params | calibration metric | accuracy metric |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in lowrank:
+            st, params = r["passes"][0]["stats"], r["passes"][0]["params"]
+            key, value = headline(r)
+            lines.append(
+                f"| {r['model']} | `{st['policy']}` | {st['layers_factorized']}/{st['layers_found']} | "
+                f"{st['layer_params_after']:,} / {st['layer_params_before']:,} "
+                f"({st['layer_params_before'] / max(1, st['layer_params_after']):.2f}× fewer) | "
+                f"{st['layer_macs_after']:,} / {st['layer_macs_before']:,} | "
+                f"{params[1]:,} / {params[0]:,} ({params[0] / max(1, params[1]):.2f}× fewer) | "
+                f"{st.get('calibration_metric', '–')} | {key} {value:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

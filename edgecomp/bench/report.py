@@ -8,10 +8,10 @@ from typing import Any
 
 from edgecomp.figures import pyplot, html_page, png_data_uri, spectra_figure
 
-__all__ = ["bench_html"]
+__all__ = ["bench_html", "model_figure"]
 
 
-def _model_figure(rows: list[dict[str, Any]], name: str):
+def model_figure(rows: list[dict[str, Any]], name: str):
     from edgecomp.bench.runner import headline
 
     plt = pyplot()
@@ -45,7 +45,7 @@ def bench_html(doc: dict[str, Any]) -> str:
     sections = [("Results", f"<pre>{html.escape(markdown_table(doc))}</pre>")]
     for name in dict.fromkeys(r["model"] for r in doc["results"]):
         rows = [r for r in doc["results"] if r["model"] == name]
-        fig = _model_figure(rows, name)
+        fig = model_figure(rows, name)
         if fig is not None:
             sections.append((name, f"<img src='{png_data_uri(fig)}'>"))
         for r in rows:

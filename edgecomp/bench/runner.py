@@ -343,4 +343,16 @@ def write_results(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Pa
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(texts[kind])
         os.replace(tmp, path)
+    # One PNG per model (accuracy vs size, latency) for pages that cannot show the HTML.
+    from edgecomp.bench.report import model_figure
+    from edgecomp.figures import pyplot
+
+    for name in dict.fromkeys(r["model"] for r in doc["results"]):
+        fig = model_figure([r for r in doc["results"] if r["model"] == name], name)
+        if fig is not None:
+            png = out_dir / f"{stem}-{name}.png"
+            fig.savefig(png.with_name(png.name + ".tmp.png"), dpi=100, bbox_inches="tight")
+            pyplot().close(fig)
+            os.replace(png.with_name(png.name + ".tmp.png"), png)
+            paths[f"png-{name}"] = png
     return paths

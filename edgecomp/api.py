@@ -20,14 +20,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgecomp import bundle as bundle_fmt
-from edgecomp.errors import EdgecompError, InputError, NumericsError, UnsupportedModelError
+from edgecomp.errors import InputError, NumericsError, UnsupportedModelError
 from edgecomp.examples import Example, get_example
 from edgecomp.importer import TensorSpec, fix_input_shapes, graph_inputs, graph_outputs, load_onnx, sha256_file
 from edgecomp.numerics import DEFAULT_ACCURACY, Comparison, Samples, Tolerance, compare, run_ort
 from edgecomp.passes import PassContext, is_lossy, make_passes
 from edgecomp.passes.lowrank import LowRankConfig
 from edgecomp.passes.rank_selection import RankPolicy, parse_policy
-from edgecomp.pipeline import PassRecord, run_pipeline
+from edgecomp.pipeline import run_pipeline
 from edgecomp.progress import Progress
 from edgecomp.reference import load_npz, load_samples_npz, random_samples, samples_from_arrays, stack_samples
 from edgecomp.figures import bundle_html

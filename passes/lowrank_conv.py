@@ -66,6 +66,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import InputError
+from edgecomp.passes.base import taken_names, unique_name
 from edgecomp.passes.lowrank import Cost, FactorizableLayer, LowRankConfig, register_factorizer
 from edgecomp.passes.lowrank_gemm import GemmLayer
 
@@ -463,19 +464,19 @@ class ConvLayer(FactorizableLayer):
         if old_w.const_value is None or tuple(old_w.const_value.shape) != self.weight_shape:
             raise ValueError(f"node {self.name!r}: weight is not the constant {list(self.weight_shape)} (factorized already?)")
         stages = self.decompose(rank).stages
-        taken = _names(graph)
+        taken = taken_names(graph)
         x = node.inputs[0]
         batch_dim = x.shape[0] if x is not None and x.shape is not None and len(x.shape) == 4 else None
         for i, (weight, attrs) in enumerate(stages[:-1]):
-            w_val = _initializer(graph, _unique(f"{self.name}.lr_w{i}", taken), weight, self._dtype)
-            h = ir.Value(name=_unique(f"{self.name}.lr_h{i}", taken), type=ir.TensorType(self._dtype))
+            w_val = _initializer(graph, unique_name(f"{self.name}.lr_w{i}", taken), weight, self._dtype)
+            h = ir.Value(name=unique_name(f"{self.name}.lr_h{i}", taken), type=ir.TensorType(self._dtype))
             if batch_dim is not None:
                 h.shape = ir.Shape([batch_dim, weight.shape[0], None, None])
-            conv = ir.node("Conv", [x, w_val], {a.name: a for a in _attributes(attrs)}, outputs=[h], name=_unique(f"{self.name}.lr{i}", taken))
+            conv = ir.node("Conv", [x, w_val], {a.name: a for a in _attributes(attrs)}, outputs=[h], name=unique_name(f"{self.name}.lr{i}", taken))
             graph.insert_before(node, conv)
             x = h
         weight, attrs = stages[-1]
-        w_last = _initializer(graph, _unique(f"{self.name}.lr_w{len(stages) - 1}", taken), weight, self._dtype)
+        w_last = _initializer(graph, unique_name(f"{self.name}.lr_w{len(stages) - 1}", taken), weight, self._dtype)
         node.replace_input_with(0, x)
         node.replace_input_with(1, w_last)
         for key in ("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad"):
@@ -496,24 +497,6 @@ def _attributes(attrs: dict[str, Any]) -> list[ir.Attr]:
         else:
             out.append(ir.AttrInt64(key, int(value)))
     return out
-
-
-def _names(graph: ir.Graph) -> set[str]:
-    """Every node and value name in the graph (and its subgraphs), to keep new names unique."""
-    taken = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.name:
-            taken.add(node.name)
-        taken.update(v.name for v in node.outputs if v.name)
-    return taken
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:

@@ -27,26 +27,12 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from edgecomp.passes.base import find_node, taken_names, unique_name
 from edgecomp.passes.lowrank import Cost, FactorizableLayer, LowRankConfig, register_factorizer
 
 __all__ = ["EmbeddingLayer", "find_embeddings"]
 
 log = logging.getLogger(__name__)
-
-
-def _find_node(model: ir.Model, name: str) -> ir.Node:
-    for node in model.graph:
-        if node.name == name:
-            return node
-    raise KeyError(f"no node named {name!r} in the model")
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 class EmbeddingLayer(FactorizableLayer):
@@ -118,26 +104,24 @@ class EmbeddingLayer(FactorizableLayer):
 
     def apply(self, model: ir.Model, rank: int) -> None:
         graph = model.graph
-        node = _find_node(model, self.name)
+        node = find_node(model, self.name)
         table, ids = node.inputs[0], node.inputs[1]
         old_out = node.outputs[0]
-        taken = {v.name for v in graph.inputs} | set(graph.initializers)
-        for other in graph:
-            taken.update(v.name for v in other.outputs if v.name)
+        taken = taken_names(graph)
         a, b = self.factors(int(rank))
         dtype = ir.DataType.from_numpy(a.dtype)
 
         def init(tag: str, array: np.ndarray) -> ir.Value:
-            name = _fresh(taken, f"{self.name}_{tag}")
+            name = unique_name(f"{self.name}_{tag}", taken)
             value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
                              const_value=ir.tensor(array, name=name))
             graph.register_initializer(value)
             return value
 
-        rows = ir.Value(name=_fresh(taken, f"{self.name}_lr_rows"), type=ir.TensorType(dtype))
-        out = ir.Value(name=_fresh(taken, f"{self.name}_lr_out"), type=ir.TensorType(dtype))
-        gather = ir.node("Gather", [init("lr_A", a), ids], {"axis": 0}, outputs=[rows], name=_fresh(taken, f"{self.name}_lr_gather"))
-        matmul = ir.node("MatMul", [rows, init("lr_B", b)], outputs=[out], name=_fresh(taken, f"{self.name}_lr_matmul"))
+        rows = ir.Value(name=unique_name(f"{self.name}_lr_rows", taken), type=ir.TensorType(dtype))
+        out = ir.Value(name=unique_name(f"{self.name}_lr_out", taken), type=ir.TensorType(dtype))
+        gather = ir.node("Gather", [init("lr_A", a), ids], {"axis": 0}, outputs=[rows], name=unique_name(f"{self.name}_lr_gather", taken))
+        matmul = ir.node("MatMul", [rows, init("lr_B", b)], outputs=[out], name=unique_name(f"{self.name}_lr_matmul", taken))
         graph.insert_before(node, [gather, matmul])
         out.type = old_out.type if old_out.type is not None else out.type
         out.shape = old_out.shape

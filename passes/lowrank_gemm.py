@@ -31,6 +31,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from edgecomp.passes.base import taken_names, unique_name
 from edgecomp.passes.lowrank import Cost, FactorizableLayer, LowRankConfig, register_factorizer
 
 __all__ = ["GemmLayer", "find_gemm_layers", "whitening_factor", "RIDGE"]
@@ -216,38 +217,20 @@ class GemmLayer(FactorizableLayer):
             raise ValueError(f"node {self.name!r}: weight is not the constant {list(self.weight_shape)} (factorized already?)")
         a, b = self.factors(rank)
         r = a.shape[1]
-        taken = _names(graph)
-        a_val = _initializer(graph, _unique(f"{self.name}.lr_a", taken), a)
-        b_val = _initializer(graph, _unique(f"{self.name}.lr_b", taken), b)
+        taken = taken_names(graph)
+        a_val = _initializer(graph, unique_name(f"{self.name}.lr_a", taken), a)
+        b_val = _initializer(graph, unique_name(f"{self.name}.lr_b", taken), b)
         x = node.inputs[0]
-        h = ir.Value(name=_unique(f"{self.name}.lr_h", taken), type=ir.TensorType(ir.DataType.FLOAT))
+        h = ir.Value(name=unique_name(f"{self.name}.lr_h", taken), type=ir.TensorType(ir.DataType.FLOAT))
         if x is not None and x.shape is not None and len(x.shape) >= 1:
             h.shape = ir.Shape([*list(x.shape)[:-1], r])
-        first = ir.node("MatMul", [x, a_val], outputs=[h], name=_unique(f"{self.name}.lr_in", taken))
+        first = ir.node("MatMul", [x, a_val], outputs=[h], name=unique_name(f"{self.name}.lr_in", taken))
         graph.insert_before(node, first)
         node.replace_input_with(0, h)
         node.replace_input_with(1, b_val)
         if self.op == "Gemm":
             node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
-
-
-def _names(graph: ir.Graph) -> set[str]:
-    """Every node and value name in the graph (and its subgraphs), to keep new names unique."""
-    taken = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.name:
-            taken.add(node.name)
-        taken.update(v.name for v in node.outputs if v.name)
-    return taken
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from edgecomp.passes.base import find_node, taken_names, unique_name
 from edgecomp.passes.lowrank import Cost, FactorizableLayer, LowRankConfig, register_factorizer
 
 __all__ = ["TTLayer", "find_tt_layers", "factorize_dims", "balanced_factors", "MIN_FACTOR", "MAX_RATIO", "MAX_CORES"]
@@ -111,30 +112,8 @@ def _static_prod(shape: ir.Shape | None, drop_last: bool = True) -> int:
 
 
 # -- graph helpers --------------------------------------------------------------------------------
-def _find_node(model: ir.Model, name: str) -> ir.Node:
-    for node in model.graph:
-        if node.name == name:
-            return node
-    raise KeyError(f"no node named {name!r} in the model")
-
-
-def _names(graph: ir.Graph) -> set[str]:
-    names = {v.name for v in graph.inputs} | set(graph.initializers)
-    for node in graph:
-        names.update(v.name for v in node.outputs if v.name)
-    return names
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 def _initializer(graph: ir.Graph, taken: set[str], base: str, array: np.ndarray) -> ir.Value:
-    name = _fresh(taken, base)
+    name = unique_name(base, taken)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -273,11 +252,11 @@ class TTLayer(FactorizableLayer):
     # -- the rewrite --------------------------------------------------------------------------
     def apply(self, model: ir.Model, rank: int) -> None:
         graph = model.graph
-        node = _find_node(model, self.name)
+        node = find_node(model, self.name)
         x = node.inputs[0]
         weight = node.inputs[1]
         c = node.inputs[2] if len(node.inputs) > 2 else None
-        taken = _names(graph)
+        taken = taken_names(graph)
         base = self.name
         cores = self.cores(rank)
         d = len(cores)
@@ -285,11 +264,11 @@ class TTLayer(FactorizableLayer):
         nodes: list[ir.Node] = []
 
         def value(tag: str) -> ir.Value:
-            return ir.Value(name=_fresh(taken, f"{base}_tt_{tag}"), type=ir.TensorType(ir.DataType.from_numpy(dt)))
+            return ir.Value(name=unique_name(f"{base}_tt_{tag}", taken), type=ir.TensorType(ir.DataType.from_numpy(dt)))
 
         def emit(op: str, inputs: list[ir.Value], tag: str) -> ir.Value:
             out = value(tag)
-            nodes.append(ir.node(op, inputs, outputs=[out], name=_fresh(taken, f"{base}_tt_{tag}")))
+            nodes.append(ir.node(op, inputs, outputs=[out], name=unique_name(f"{base}_tt_{tag}", taken)))
             return out
 
         def shape_const(tag: str, dims: Sequence[int]) -> ir.Value:
@@ -335,14 +314,14 @@ class TTLayer(FactorizableLayer):
             if len(unknown) <= 1:
                 dims = [d if isinstance(d, int) else -1 for d in lead] + [n_total]
                 return _initializer(graph, taken, f"{base}_tt_shape_out", np.asarray(dims, np.int64))
-        shape = ir.Value(name=_fresh(taken, f"{base}_tt_xshape"), type=ir.TensorType(ir.DataType.INT64))
+        shape = ir.Value(name=unique_name(f"{base}_tt_xshape", taken), type=ir.TensorType(ir.DataType.INT64))
         nodes.append(ir.node("Shape", [x], outputs=[shape], name=shape.name))
-        lead = ir.Value(name=_fresh(taken, f"{base}_tt_lead"), type=ir.TensorType(ir.DataType.INT64))
+        lead = ir.Value(name=unique_name(f"{base}_tt_lead", taken), type=ir.TensorType(ir.DataType.INT64))
         nodes.append(ir.node("Slice", [shape,
                                        _initializer(graph, taken, f"{base}_tt_zero", np.asarray([0], np.int64)),
                                        _initializer(graph, taken, f"{base}_tt_minus1", np.asarray([-1], np.int64))],
                              outputs=[lead], name=lead.name))
-        out = ir.Value(name=_fresh(taken, f"{base}_tt_shape_out"), type=ir.TensorType(ir.DataType.INT64))
+        out = ir.Value(name=unique_name(f"{base}_tt_shape_out", taken), type=ir.TensorType(ir.DataType.INT64))
         nodes.append(ir.node("Concat", [lead, _initializer(graph, taken, f"{base}_tt_n", np.asarray([n_total], np.int64))],
                              {"axis": 0}, outputs=[out], name=out.name))
         return out

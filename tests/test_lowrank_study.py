@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
 from edgecomp.bench.lowrank_study import StudyPoint, at_ratio, common_ratios, matched_table, run_study

@@ -12,6 +12,7 @@ import numpy as np
 
 __all__ = [
     "accuracy",
+    "log_softmax",
     "top1_agreement",
     "mean_kl",
     "max_abs",
@@ -32,7 +33,8 @@ def top1_agreement(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log of softmax over the last axis, in float64."""
     z = z.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -40,7 +42,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def mean_kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
     """Mean over rows of KL(softmax(ref) ‖ softmax(got)), in nats."""
-    lp, lq = _log_softmax(ref_logits), _log_softmax(got_logits)
+    lp, lq = log_softmax(ref_logits), log_softmax(got_logits)
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
 
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecomp.bench.metrics import classification_metrics, embedding_metrics, spearman
+from edgecomp.bench.metrics import classification_metrics, embedding_metrics, log_softmax, spearman
 from edgecomp.errors import EdgecompError, InputError, NumericsError
 from edgecomp.importer import sha256_file
 
@@ -601,7 +601,7 @@ def _build_mobilenetv2(folder: Path, log: Log):
         logits = eval_ort if split == "eval" else _ort_outputs(onnx_path, arrays, ["input"])
         for i in np.flatnonzero(arrays["view"] == "s256-center"):
             p = PHOTOS[int(arrays["source"][i])]
-            probs = np.exp(_log_softmax(logits[i, 0]))
+            probs = np.exp(log_softmax(logits[i, 0]))
             top = int(probs.argmax())
             photo_top1[p.name] = {"split": split, "class": top, "prob": round(float(probs[top]), 4),
                                   "label": labels[top] if labels else None}

@@ -18,7 +18,6 @@ the code against it); the row says which.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging

@@ -274,48 +274,57 @@ def build(
             "passes": [r.to_json() for r in records],
         }
 
-        # Verify the compiled code against ORT on the original model.
         with progress.stage("verifying compiled code against ONNX Runtime"):
-            if tgt.runs_on_this_machine:
-                staged = bundle_fmt.Bundle(stage, manifest)
-                run_fn = staged.run
-                ran = f"the bundle's {bundle_fmt.CODE} on this machine ({platform.machine()})"
-            else:
-                from edgecomp.targets import get_target as _get
-
-                host_exe = compile_relax(relax_model, _get("host"))
-                run_fn = _vm_runner(host_exe, relax_model.params, in_specs)
-                ran = (
-                    f"the same Relax module compiled for this host ({platform.machine()}); the "
-                    f"{tgt.arch} code itself was not executed here"
-                )
-            got = run_fn(samples)
-            # The compiler must reproduce the graph it was given; passes answer for the rest.
-            check: Comparison = compare(out_names, final_reference, got, tolerance)
-            vs_original: Comparison = compare(out_names, reference, got, accuracy)
-            verification: dict[str, Any] = {
-                "ran": ran,
-                "numerics": check.to_json(),
-                "vs_original": vs_original.to_json(),
-            }
-            if ex is not None:
-                verification["evaluation"] = _evaluate_example(ex, in_specs, run_fn, original)
-            progress.note(f"compiled vs ONNX Runtime: {check.summary()}")
-            if lossy:
-                progress.note(f"compiled vs the original model: {vs_original.summary()}")
+            verification, check = _verify(
+                tgt, stage, manifest, relax_model, in_specs, samples, reference, final_reference,
+                out_names, tolerance, accuracy, ex, original, lossy, progress,
+            )
         if not check.ok:
             raise NumericsError(f"compiled code does not match ONNX Runtime: {'; '.join(check.failures)}")
         manifest["verification"] = verification
 
         pre = dict(manifest)
         pre["files"] = {
-            rel: {"bytes": (stage / rel).stat().st_size} for rel in bundle_fmt._files(stage)
+            rel: {"bytes": (stage / rel).stat().st_size} for rel in bundle_fmt.bundle_files(stage)
         }
         (stage / bundle_fmt.REPORT).write_text(render_report(pre))
         (stage / bundle_fmt.REPORT_HTML).write_text(bundle_html(pre))
         manifest = bundle_fmt.finalize_manifest(stage, manifest)
     progress.note(f"bundle written to {out}")
     return BuildResult(out, manifest, graph=final)
+
+
+def _verify(
+    tgt: Target, stage: Path, manifest: dict[str, Any], relax_model, in_specs: list[TensorSpec],
+    samples: Samples, reference, final_reference, out_names: list[str], tolerance: Tolerance,
+    accuracy: Tolerance, ex: Example | None, original, lossy: bool, progress: Progress,
+) -> tuple[dict[str, Any], Comparison]:
+    """Run the compiled code on the reference samples and compare it with ORT.
+
+    The compiler must reproduce the graph it was given (``tolerance`` vs ORT on the final graph);
+    how far that graph is from the original is the passes' business (``accuracy``, recorded).
+    Host code is the staged bundle itself; cross-compiled code cannot run here, so the same Relax
+    module is compiled for the host instead (the device check runs the real thing).
+    """
+    if tgt.runs_on_this_machine:
+        run_fn = bundle_fmt.Bundle(stage, manifest).run
+        ran = f"the bundle's {bundle_fmt.CODE} on this machine ({platform.machine()})"
+    else:
+        run_fn = _vm_runner(compile_relax(relax_model, get_target("host")), relax_model.params, in_specs)
+        ran = (
+            f"the same Relax module compiled for this host ({platform.machine()}); the "
+            f"{tgt.arch} code itself was not executed here"
+        )
+    got = run_fn(samples)
+    check = compare(out_names, final_reference, got, tolerance)
+    vs_original = compare(out_names, reference, got, accuracy)
+    verification: dict[str, Any] = {"ran": ran, "numerics": check.to_json(), "vs_original": vs_original.to_json()}
+    if ex is not None:
+        verification["evaluation"] = _evaluate_example(ex, in_specs, run_fn, original)
+    progress.note(f"compiled vs ONNX Runtime: {check.summary()}")
+    if lossy:
+        progress.note(f"compiled vs the original model: {vs_original.summary()}")
+    return verification, check
 
 
 def _vm_runner(executable, params: list[np.ndarray], in_specs: list[TensorSpec]):

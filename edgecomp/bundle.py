@@ -45,7 +45,8 @@ REPORT = "report.md"
 REPORT_HTML = "report.html"
 
 
-def _files(root: Path) -> list[str]:
+def bundle_files(root: Path) -> list[str]:
+    """Every file of a bundle folder except the manifest, as sorted relative paths."""
     return sorted(
         p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
     )
@@ -125,7 +126,7 @@ def finalize_manifest(stage: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Add the sha256 and size of every staged file and write ``manifest.json``."""
     manifest = dict(manifest)
     manifest["files"] = {
-        rel: {"sha256": sha256_file(stage / rel), "bytes": (stage / rel).stat().st_size} for rel in _files(stage)
+        rel: {"sha256": sha256_file(stage / rel), "bytes": (stage / rel).stat().st_size} for rel in bundle_files(stage)
     }
     tmp = stage / (MANIFEST + ".part")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=_json_default) + "\n")
@@ -271,7 +272,7 @@ def _read_manifest(root: Path, shown: Path) -> dict[str, Any]:
 
 def _verify_files(root: Path, manifest: dict[str, Any], shown: Path) -> None:
     listed = manifest.get("files") or {}
-    present = set(_files(root))
+    present = set(bundle_files(root))
     missing = sorted(set(listed) - present)
     extra = sorted(present - set(listed))
     if missing:

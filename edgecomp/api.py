@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import logging
 import os
 import platform
@@ -34,6 +33,7 @@ from edgecomp.figures import bundle_html
 from edgecomp.report import render_report
 from edgecomp.summary import ModelSummary, summarize
 from edgecomp.targets import Target, get_target
+from edgecomp.versions import package_versions
 from edgecomp.targets.lowering import compile_relax, elf_arch, export_library, to_relax
 
 __all__ = ["BuildResult", "build", "inspect_model", "run_bundle", "tool_versions"]
@@ -44,12 +44,7 @@ _TOOLS = ("edgecomp", "apache-tvm", "apache-tvm-ffi", "onnx", "onnx-ir", "onnxsc
 
 
 def tool_versions(target: Target | None = None) -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in _TOOLS:
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
+    versions = {"python": platform.python_version(), **package_versions(_TOOLS)}
     if target is not None and target.cross_compiler:
         try:
             out = subprocess.run([target.cross_compiler, "--version"], capture_output=True, text=True, timeout=30)
@@ -218,8 +213,9 @@ def build(
     pass_list = make_passes(passes, ctx)
     lossy = any(is_lossy(p) for _, p in pass_list)
     accuracy = accuracy or (DEFAULT_ACCURACY if lossy else tolerance)
-    final, records = run_pipeline(fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress)
-    final_reference = run_ort(final, samples, out_names) if lossy else reference
+    final, records, final_reference = run_pipeline(
+        fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress
+    )
 
     with bundle_fmt.staged_output(out, force=force, protect=[model_path]) as stage:
         with progress.stage("importing into TVM Relax"):

@@ -182,12 +182,12 @@ class Bundle:
         return self.load_npz(REF_INPUTS), self.load_npz(REF_OUTPUTS)
 
     def _runtime(self):
-        from edgecomp.targets.base import _host_arch
+        from edgecomp.targets.base import host_arch
 
-        if self.target_arch != _host_arch():
+        if self.target_arch != host_arch():
             raise BundleError(
                 f"bundle {self.root} holds {self.target_arch} code for target "
-                f"{self.manifest['target']['name']!r}; this machine is {_host_arch()} and cannot run it"
+                f"{self.manifest['target']['name']!r}; this machine is {host_arch()} and cannot run it"
             )
         if self._vm is None:
             import tvm

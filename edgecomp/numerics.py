@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Sequence
 
 import numpy as np
@@ -102,11 +103,14 @@ class Comparison:
         }
 
 
-def ort_session(model: onnx.ModelProto | bytes, threads: int = 1):
-    """An ORT CPU session on a model in memory (errors become one-line messages)."""
+def ort_session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int = 1):
+    """An ORT CPU session on a model in memory or a file (errors become one-line messages)."""
     import onnxruntime as ort
 
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    if isinstance(model, onnx.ModelProto):
+        data = model.SerializeToString()
+    else:
+        data = model if isinstance(model, bytes) else os.fspath(model)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -60,8 +60,9 @@ def run_pipeline(
     tolerance: Tolerance,
     accuracy: Tolerance | None = None,
     progress: Progress | None = None,
-) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """Run ``passes`` in order; returns the final model and one record per pass.
+) -> tuple[onnx.ModelProto, list[PassRecord], list[list[np.ndarray]]]:
+    """Run ``passes`` in order; returns the final model, one record per pass, and ORT's outputs
+    of the final model on ``samples`` (``reference`` itself when no pass ran).
 
     ``tolerance`` is what an exact pass may change (vs the previous stage); ``accuracy`` how far a
     lossy pass may take the model from the original (default: ``tolerance``).
@@ -117,4 +118,4 @@ def run_pipeline(
                 raise NumericsError(
                     f"pass {name!r} changed the outputs past the tolerance: {'; '.join(check.failures)}"
                 )
-    return ir.serde.serialize_model(irm), records
+    return ir.serde.serialize_model(irm), records, previous

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from edgecomp.importer import fix_input_shapes, graph_inputs, graph_outputs
+from edgecomp.importer import default_opset, fix_input_shapes, graph_inputs, graph_outputs
 
 __all__ = ["LayerCost", "ModelSummary", "summarize", "layer_macs"]
 
@@ -59,10 +59,6 @@ class ModelSummary:
         d["total_macs"] = self.total_macs
         d["total_flops"] = 2 * self.total_macs
         return d
-
-
-def _shape_of(name: str, shapes: dict[str, list[int | None]]) -> list[int | None] | None:
-    return shapes.get(name)
 
 
 def _known(shape: list[int | None] | None) -> bool:
@@ -147,12 +143,11 @@ def summarize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
                 macs=layer_macs(n, shapes, attrs),
             )
         )
-    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
     return ModelSummary(
         inputs=[s.to_json() for s in graph_inputs(model)],
         outputs=[s.to_json() for s in graph_outputs(model)],
         assumed_dims=assumed,
-        opset=opset,
+        opset=default_opset(model),
         ops=dict(ops.most_common()),
         nodes=len(model.graph.node),
         params=params,

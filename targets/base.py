@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from edgecomp.errors import InputError
 
-__all__ = ["Target", "register", "get_target", "list_targets", "ELF_MACHINES"]
+__all__ = ["Target", "register", "get_target", "list_targets", "host_arch", "ELF_MACHINES"]
 
 # e_machine values of the ELF header, to check what a linked .so really is.
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183, "arm": 40, "riscv": 243}
@@ -60,10 +60,11 @@ class Target:
     @property
     def runs_on_this_machine(self) -> bool:
         """True when code for this target can be loaded and run by this Python process."""
-        return self.arch == _host_arch()
+        return self.arch == host_arch()
 
 
-def _host_arch() -> str:
+def host_arch() -> str:
+    """This machine's CPU architecture, named as in ``ELF_MACHINES``."""
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgecomp.targets.base import Target, _host_arch, register
+from edgecomp.targets.base import Target, host_arch, register
 
 __all__ = ["HOST"]
 
@@ -28,7 +28,7 @@ HOST = register(
         name="host",
         description="this machine's CPU (LLVM, detected -mcpu), runs in-process",
         family="host",
-        arch=_host_arch(),
+        arch=host_arch(),
         tvm_target=_detect,
     )
 )

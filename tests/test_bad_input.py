@@ -274,15 +274,22 @@ def test_force_replaces_existing_bundle(cli, tmp_path, relu_file):
     assert not staging_leftovers(tmp_path)
 
 
-def test_tar_output_that_is_a_directory(cli, tmp_path, relu_file):
-    out = tmp_path / "bundle.tar"
+@pytest.mark.parametrize(
+    "name,user_file,mentions",
+    [
+        ("bundle.tar", "precious.txt", ["bundle.tar"]),  # a folder named like a .tar bundle
+        ("docs", "thesis.tex", ["docs", "not a bundle directory"]),  # a user's folder
+    ],
+)
+def test_force_never_replaces_what_is_not_a_bundle(cli, tmp_path, relu_file, name, user_file, mentions):
+    out = tmp_path / name
     out.mkdir()
-    (out / "precious.txt").write_text("do not touch")
+    (out / user_file).write_text("do not touch")
     before = tree_digest(out)
     digest = sha256(relu_file)
     rc, _, err = cli("build", relu_file, "--target", "host", "-o", out, "--force")
     try:
-        assert_bad_input(rc, err, mentions=["bundle.tar"], inputs={relu_file: digest}, output=out, output_existed=True)
+        assert_bad_input(rc, err, mentions=mentions, inputs={relu_file: digest}, output=out, output_existed=True)
     finally:
         assert tree_digest(out) == before
         assert not staging_leftovers(tmp_path)
@@ -450,14 +457,3 @@ def test_python_m_edgecomp_bad_input(tmp_path):
     assert proc.stdout == ""
     assert_bad_input(proc.returncode, proc.stderr, mentions=["missing_model.onnx"], output=out)
     assert sorted(os.listdir(tmp_path)) == []  # nothing created in the working folder either
-
-
-def test_force_never_replaces_a_folder_that_is_not_a_bundle(cli, tmp_path, relu_file):
-    out = tmp_path / "docs"
-    out.mkdir()
-    (out / "thesis.tex").write_text("years of work")
-    before = tree_digest(out)
-    digest = sha256(relu_file)
-    rc, _, err = cli("build", relu_file, "--target", "host", "-o", out, "--force")
-    assert_bad_input(rc, err, mentions=["docs", "not a bundle directory"], inputs={relu_file: digest}, output=out, output_existed=True)
-    assert tree_digest(out) == before

@@ -44,7 +44,8 @@ def _exporter_style_model() -> onnx.ModelProto:
 def _run(model, passes, tol=Tolerance()):
     samples = random_samples(graph_inputs(model), count=3)
     ref = run_ort(model, samples, ["y"])
-    return run_pipeline(model, make_passes(passes) if isinstance(passes, str) else passes, samples, ref, ["y"], tol)
+    final, records, _ = run_pipeline(model, make_passes(passes) if isinstance(passes, str) else passes, samples, ref, ["y"], tol)
+    return final, records
 
 
 def test_cleanup_folds_constants_and_removes_dead_code():

@@ -53,6 +53,8 @@ import numpy as np
 from edgecomp.bench.metrics import classification_metrics, embedding_metrics, log_softmax, spearman
 from edgecomp.errors import EdgecompError, InputError, NumericsError
 from edgecomp.importer import sha256_file
+from edgecomp.numerics import ort_session
+from edgecomp.versions import package_versions
 
 __all__ = [
     "BENCH_MODELS",
@@ -249,16 +251,6 @@ def _package_file(module: str, relpath: str) -> Path:
     return path
 
 
-def _versions(dists: Sequence[str]) -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for d in ("edgecomp", "numpy", "onnx", "onnxruntime", *dists):
-        try:
-            out[d] = importlib.metadata.version(d)
-        except importlib.metadata.PackageNotFoundError:
-            out[d] = "not installed"
-    return out
-
-
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Like ``np.savez_compressed`` but byte-reproducible (fixed zip timestamps), written atomically."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -277,18 +269,9 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # reproducible outputs, whatever the core count
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _ort_outputs(path: Path, arrays: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
     """Run every sample ([K, *input_shape] stacks) through ONNX Runtime; first output, stacked."""
-    sess = _ort_session(path)
+    sess = ort_session(path, threads=1)  # one thread: reproducible outputs, whatever the core count
     k = len(arrays[names[0]])
     return np.stack([sess.run(None, {n: arrays[n][i] for n in names})[0] for i in range(k)])
 
@@ -976,7 +959,8 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, force: bool = F
             **extra,
             "made_by": f"edgecomp.bench.models.fetch({name!r}) (tools/models.py fetch {name})",
             "build_seconds": round(time.monotonic() - t0, 1),
-            "versions": _versions(model.distributions),
+            "versions": {"python": platform.python_version(),
+                         **package_versions(("edgecomp", "numpy", "onnx", "onnxruntime", *model.distributions))},
             "missing_optional": missing_optional,
             "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
                       for f in (model.onnx_name, "eval.npz", "calib.npz")},

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgecomp.bench import models as bench_models
-from edgecomp.numerics import Tolerance
+from edgecomp.numerics import Tolerance, ort_session
 from edgecomp.passes.lowrank import LowRankConfig
 from edgecomp.passes.rank_selection import parse_policy
 
@@ -74,16 +74,6 @@ def measure_latency(run: Callable[[], Any], reps: int, warmup: int = 5) -> dict[
     }
 
 
-def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _stack(per_sample: list[list[np.ndarray]]) -> np.ndarray:
     return np.stack([o[0] for o in per_sample])
 
@@ -119,7 +109,7 @@ def _quantize_int8(assets: bench_models.ModelAssets, out: Path) -> None:
 
 
 def _ort_row(name: str, config: str, path: Path, assets, eval_feeds, eval_arrays, threads: int, reps: int, build_s: float):
-    sess = _ort_session(path, threads)
+    sess = ort_session(path, threads)
     outputs = _stack([sess.run(None, f) for f in eval_feeds])
     metrics = bench_models.evaluate(name, outputs, eval_arrays)
     feed = eval_feeds[0]

@@ -25,6 +25,7 @@ from edgecomp.importer import TensorSpec, fix_input_shapes, graph_inputs, graph_
 from edgecomp.numerics import DEFAULT_ACCURACY, Comparison, Samples, Tolerance, compare, run_ort
 from edgecomp.passes import PassContext, is_lossy, make_passes
 from edgecomp.passes.lowrank import LowRankConfig
+from edgecomp.passes.quantize_int8 import QuantizeConfig, parse_int8
 from edgecomp.passes.rank_selection import RankPolicy, parse_policy
 from edgecomp.pipeline import run_pipeline
 from edgecomp.progress import Progress
@@ -162,6 +163,7 @@ def build(
     tolerance: Tolerance = Tolerance(),
     lowrank: str | RankPolicy | LowRankConfig | None = None,
     calib: str | os.PathLike | dict | None = None,
+    int8: str | QuantizeConfig | None = None,
     accuracy: Tolerance | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -183,6 +185,8 @@ def build(
             ``"budget:params=2x"``), a ``RankPolicy``, or a full ``LowRankConfig``.
         calib: calibration inputs (``.npz`` or dict, same format as ``reference_inputs``) for
             data-aware passes; default: the example's calibration split, else none.
+        int8: post-training int8 quantization (QDQ): a calibration method with an optional
+            budget (``"minmax"``, ``"entropy:budget:top1=0.97"``) or a ``QuantizeConfig``.
         accuracy: how far lossy passes may take the outputs from the original model
             (default: cosine ≥ 0.98 per sample).
         force: replace an existing output.
@@ -209,7 +213,11 @@ def build(
         calib_samples, calib_source = _calibration_samples(in_specs, calib, ex)
         reference = run_ort(original, samples, out_names)
 
-    ctx = PassContext(lowrank=_lowrank_config(lowrank), calib=calib_samples)
+    ctx = PassContext(
+        lowrank=_lowrank_config(lowrank),
+        int8=parse_int8(int8) if isinstance(int8, str) else int8,
+        calib=calib_samples,
+    )
     pass_list = make_passes(passes, ctx)
     lossy = any(is_lossy(p) for _, p in pass_list)
     accuracy = accuracy or (DEFAULT_ACCURACY if lossy else tolerance)

@@ -75,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     lr.add_argument("--conv-method", default="tucker2", choices=["tucker2", "cp", "spatial"], help="Conv decomposition")
     lr.add_argument("--no-data-aware", action="store_true", help="plain SVD even when calibration data is given")
     lr.add_argument("--max-layer-error", type=float, default=1.0, help="leave a layer dense above this relative error")
+    q = b.add_argument_group("int8 quantization")
+    q.add_argument(
+        "--int8",
+        metavar="METHOD",
+        help="post-training int8 (QDQ, per-channel weights): minmax | entropy | percentile[=P], "
+        "optionally :budget:top1=A or :budget:cosine=C to leave the most sensitive layers in float",
+    )
+    q.add_argument("--int8-keep-float", metavar="NODE,...", default="", help="nodes never quantized")
+    q.add_argument("--int8-activations", choices=["int8", "uint8"], default="int8", help="activation type (default int8)")
     b.add_argument("--calib", metavar="NPZ", help="calibration inputs for data-aware passes (default: example's calib split)")
     b.add_argument("--accuracy-cosine", type=float, default=0.98, help="lossy passes: min cosine vs the original (default 0.98)")
     b.add_argument("--accuracy-top1", type=float, default=0.0, help="lossy passes: min top-1 agreement vs the original (default 0)")
@@ -139,6 +148,7 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
         num_samples=args.samples,
         tolerance=Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, min_top1=args.min_top1),
         lowrank=lowrank,
+        int8=_int8_config(args),
         calib=args.calib,
         accuracy=Tolerance(atol=math.inf, rtol=0.0, min_cosine=args.accuracy_cosine, min_top1=args.accuracy_top1),
         force=args.force,
@@ -158,10 +168,10 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
         print(f"  {o['name']}: max abs error {o['max_abs']:.2e}, min cosine {o['min_cosine']:.6f}{top1}")
     for p in m["passes"]:
         if p["lossy"]:
-            st = p["stats"]
+            (b0, b1), (n0, n1) = p["param_bytes"], p["params"]
             print(
-                f"pass {p['name']}: {st.get('layers_factorized', '?')}/{st.get('layers_found', '?')} layers, "
-                f"params {p['params'][0]:,} → {p['params'][1]:,} ({p['params'][0] / max(1, p['params'][1]):.2f}x fewer)"
+                f"pass {p['name']}: params {n0:,} → {n1:,}, weight bytes {b0:,} → {b1:,} "
+                f"({b0 / max(1, b1):.2f}x smaller)"
             )
     if any(p["lossy"] for p in m["passes"]):
         for o in v["vs_original"]["outputs"]:
@@ -174,6 +184,17 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
             f"ONNX Runtime ({e['samples']} samples)"
         )
     return 0
+
+
+def _int8_config(args: argparse.Namespace):
+    import dataclasses
+
+    from edgecomp.passes.quantize_int8 import parse_int8
+
+    if not args.int8:
+        return None
+    keep = tuple(n.strip() for n in args.int8_keep_float.split(",") if n.strip())
+    return dataclasses.replace(parse_int8(args.int8), keep_float=keep, activations=args.int8_activations)
 
 
 def _cmd_inspect(args: argparse.Namespace, progress) -> int:

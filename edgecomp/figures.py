@@ -13,6 +13,8 @@ import io
 import math
 from typing import Any, Sequence
 
+from edgecomp.report import layer_table
+
 __all__ = ["pyplot", "png_data_uri", "spectra_figure", "waterfall_figure", "html_page", "table_html", "bundle_html"]
 
 
@@ -120,13 +122,8 @@ def bundle_html(manifest: dict[str, Any]) -> str:
             fig = spectra_figure(p["layers"])
             if fig is not None:
                 sections.append((f"Spectra and ranks: {p['name']}", f"<img src='{png_data_uri(fig)}'>"))
-            layer_rows = [
-                (l["name"], l["op"], l["method"], str(l["weight_shape"]), f"{l['rank']}/{l['full_rank']}",
-                 f"{l['erank']:.1f}", f"{l['params'][0]:,} → {l['params'][1]:,}", f"{l['error']:.3g}", l["decision"])
-                for l in p["layers"]
-            ]
-            sections.append((f"Layers: {p['name']}", table_html(
-                ["layer", "op", "method", "weight", "rank", "erank", "params", "error", "decision"], layer_rows)))
+            header, layer_rows = layer_table(p["layers"])
+            sections.append((f"Layers: {p['name']}", table_html(header, layer_rows)))
     v = m.get("verification", {})
     if v:
         sections.append(("Verification", f"<p>{html.escape(v.get('ran', ''))}</p><pre>{html.escape(str(v.get('numerics', {}).get('outputs')))}</pre>"))

@@ -4,7 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "layer_table"]
+
+# Per-layer fields too long for a table row (kept in the manifest, drawn in report.html).
+_NOT_TABULATED = ("spectrum",)
+
+
+def _cell(value: Any) -> str:
+    """A layer record's value as table text: ``[before, after]`` pairs as ``before → after``."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return f"{_cell(value[0])} → {_cell(value[1])}"
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def layer_table(layers: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a pass's per-layer records, whatever fields that pass records."""
+    header = [k for k in dict.fromkeys(k for layer in layers for k in layer) if k not in _NOT_TABULATED]
+    return header, [[_cell(layer.get(k)) for k in header] for layer in layers]
 
 
 def _fmt_bytes(n: int) -> str:
@@ -60,17 +82,9 @@ def render_report(m: dict[str, Any]) -> str:
         if st:
             lines.append("- " + ", ".join(f"{k}: {v}" for k, v in st.items()))
             lines.append("")
-        lines += [
-            "| layer | op | method | weight | rank / full | erank | params | MACs | error | decision |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for layer in p["layers"]:
-            lines.append(
-                f"| `{layer['name']}` | {layer['op']} | {layer['method']} | {layer['weight_shape']} | "
-                f"{layer['rank']} / {layer['full_rank']} | {layer['erank']:.1f} | "
-                f"{layer['params'][0]:,} → {layer['params'][1]:,} | {layer['macs'][0]:,} → {layer['macs'][1]:,} | "
-                f"{layer['error']:.3g} | {layer['decision']} |"
-            )
+        header, rows = layer_table(p["layers"])
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     v = m["verification"]
     lines += ["", "## Verification of the compiled code", ""]
     lines.append(f"- ran: {v['ran']}")

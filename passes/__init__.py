@@ -23,6 +23,7 @@ from edgecomp.passes.base import StatsResult, count_nodes, count_params
 from edgecomp.passes.dead_code import RemoveDeadCode
 from edgecomp.passes.fold_constants import FoldConstants
 from edgecomp.passes.lowrank import LowRank, LowRankConfig
+from edgecomp.passes.quantize_int8 import QuantizeConfig, QuantizeInt8
 from edgecomp.passes.shape_inference import InferShapes
 
 __all__ = [
@@ -43,6 +44,7 @@ class PassContext:
     """What passes may need besides the model: their settings and calibration samples."""
 
     lowrank: LowRankConfig | None = None
+    int8: QuantizeConfig | None = None
     calib: Samples | None = None
 
 
@@ -52,21 +54,32 @@ def _lowrank(ctx: PassContext) -> LowRank:
     return LowRank(ctx.lowrank, ctx.calib)
 
 
+def _int8(ctx: PassContext) -> QuantizeInt8:
+    return QuantizeInt8(ctx.int8 or QuantizeConfig(), ctx.calib)
+
+
 PASSES: dict[str, Callable[[PassContext], ir.passes.PassBase]] = {
     "shape": lambda ctx: InferShapes(),
     "fold": lambda ctx: FoldConstants(),
     "dce": lambda ctx: RemoveDeadCode(),
     "lowrank": _lowrank,
+    "int8": _int8,
 }
 
 DEFAULT_PASSES = ("shape", "fold", "dce", "shape")
+
+# The order compression passes run in when given as options (not as --passes): structure first
+# (factorize, then prune what is left), quantization last, since it calibrates on the final
+# float graph. Measured on the benchmark models (README "Results"); --passes may reorder them.
+COMPRESSION_ORDER = ("lowrank", "prune", "int8")
 
 
 def default_pass_names(ctx: PassContext) -> list[str]:
     """The cleanup pipeline, with each configured compression pass before the last ``shape``."""
     names = list(DEFAULT_PASSES)
-    if ctx.lowrank is not None:
-        names.insert(len(names) - 1, "lowrank")
+    for name in COMPRESSION_ORDER:
+        if getattr(ctx, name, None) is not None:
+            names.insert(len(names) - 1, name)
     return names
 
 

@@ -25,6 +25,10 @@ from edgecomp.importer import TensorSpec, fix_input_shapes, graph_inputs, graph_
 from edgecomp.numerics import DEFAULT_ACCURACY, Comparison, Samples, Tolerance, compare, run_ort
 from edgecomp.passes import PassContext, is_lossy, make_passes
 from edgecomp.passes.lowrank import LowRankConfig
+from edgecomp.passes.entropy_code import CODECS as ENTROPY_CODECS
+from edgecomp.passes.entropy_code import decode as decode_weights
+from edgecomp.passes.entropy_code import encode as encode_weights
+from edgecomp.passes.prune import PruneConfig, parse_prune
 from edgecomp.passes.quantize_int8 import QuantizeConfig, parse_int8
 from edgecomp.passes.rank_selection import RankPolicy, parse_policy
 from edgecomp.pipeline import run_pipeline
@@ -164,6 +168,8 @@ def build(
     lowrank: str | RankPolicy | LowRankConfig | None = None,
     calib: str | os.PathLike | dict | None = None,
     int8: str | QuantizeConfig | None = None,
+    prune: str | PruneConfig | None = None,
+    entropy: str | None = None,
     accuracy: Tolerance | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -187,6 +193,16 @@ def build(
             data-aware passes; default: the example's calibration split, else none.
         int8: post-training int8 quantization (QDQ): a calibration method with an optional
             budget (``"minmax"``, ``"entropy:budget:top1=0.97"``) or a ``QuantizeConfig``.
+        prune: pruning, a spec ``METHOD:TARGET[,OPTION...]`` or a ``PruneConfig``:
+            ``"magnitude:0.5"`` (zero half of each layer's weights, smallest ``|w|``),
+            ``"magnitude:global:0.7"`` (one threshold over all layers), ``"nm:2:4"`` (2 of every 4
+            along the reduction axis), ``"channel:0.25"`` (remove a quarter of the channels of
+            every prunable Conv/Gemm chain, shrinking the tensors), ``"channel:budget:cosine=0.99"``
+            / ``budget:top1=A`` / ``budget:params=2x`` (per-layer sparsity from measured
+            sensitivity on ``calib``); options ``skip=NODE``, ``min=N``, ``layers=gemm+conv``,
+            ``norm=l2``, ``@NODE=F`` (``edgecomp.passes.prune.parse_prune``).
+        entropy: code the bundle's weights file losslessly: ``"zstd"`` or ``"ans"`` (rANS,
+            needs ``constriction``); also given as the last name of ``passes``.
         accuracy: how far lossy passes may take the outputs from the original model
             (default: cosine ≥ 0.98 per sample).
         force: replace an existing output.
@@ -216,8 +232,12 @@ def build(
     ctx = PassContext(
         lowrank=_lowrank_config(lowrank),
         int8=parse_int8(int8) if isinstance(int8, str) else int8,
+        prune=parse_prune(prune) if isinstance(prune, str) else prune,
         calib=calib_samples,
     )
+    passes, entropy = _split_entropy(passes, entropy)
+    if entropy is not None and entropy not in ENTROPY_CODECS:
+        raise InputError(f"unknown entropy coder {entropy!r} (known: {', '.join(ENTROPY_CODECS)})")
     pass_list = make_passes(passes, ctx)
     lossy = any(is_lossy(p) for _, p in pass_list)
     accuracy = accuracy or (DEFAULT_ACCURACY if lossy else tolerance)
@@ -237,7 +257,18 @@ def build(
                 raise UnsupportedModelError(f"linked {bundle_fmt.CODE} is {arch} code, expected {tgt.arch}")
 
         weights = {f"p{i:04d}": np.asarray(v, order="C") for i, v in enumerate(relax_model.params)}
-        bundle_fmt.save_npz(stage / bundle_fmt.WEIGHTS, weights)
+        coding = None
+        if entropy is None:
+            weights_file = bundle_fmt.WEIGHTS
+            bundle_fmt.save_npz(stage / weights_file, weights)
+        else:
+            weights_file = bundle_fmt.WEIGHTS_CODED
+            with progress.stage(f"entropy coding the weights ({entropy})"):
+                blob, coding = encode_weights(weights, entropy)
+                (stage / weights_file).write_bytes(blob)
+                # The file is only as good as its decoder: prove the round trip before shipping it.
+                if any(not np.array_equal(a, weights[k]) for k, a in decode_weights(blob).items()):
+                    raise UnsupportedModelError(f"entropy coder {entropy!r} did not round-trip the weights")
         bundle_fmt.save_npz(stage / bundle_fmt.REF_INPUTS, stack_samples([s.name for s in in_specs], [[f[s.name] for s in in_specs] for f in samples]))
         bundle_fmt.save_npz(stage / bundle_fmt.REF_OUTPUTS, stack_samples(out_names, reference))
 
@@ -266,7 +297,7 @@ def build(
             "runtime": {
                 "entry": "main",
                 "code": bundle_fmt.CODE,
-                "weights": bundle_fmt.WEIGHTS,
+                "weights": weights_file,
                 "calling_convention": "main(*inputs, *params) with params in manifest order",
                 "executor": "relax.VirtualMachine",
             },
@@ -276,6 +307,7 @@ def build(
             "accuracy": accuracy.to_json(),
             "tools": tool_versions(tgt),
             "passes": [r.to_json() for r in records],
+            "entropy_coding": coding,
         }
 
         with progress.stage("verifying compiled code against ONNX Runtime"):
@@ -296,6 +328,20 @@ def build(
         manifest = bundle_fmt.finalize_manifest(stage, manifest)
     progress.note(f"bundle written to {out}")
     return BuildResult(out, manifest, graph=final)
+
+
+def _split_entropy(passes, entropy: str | None) -> tuple[Any, str | None]:
+    """Take an entropy coder named in ``passes`` (it codes the bundle, not the graph) out of it."""
+    if passes is None:
+        return None, entropy
+    names = [n.strip() for n in passes.split(",")] if isinstance(passes, str) else list(passes)
+    coders = [n for n in names if n in ENTROPY_CODECS]
+    if len(coders) > 1 or (coders and entropy is not None and coders[0] != entropy):
+        raise InputError(f"give one entropy coder, not {', '.join(coders + ([entropy] if entropy else []))}")
+    if coders and names[-1] != coders[0]:
+        raise InputError(f"--passes: {coders[0]} codes the bundle's final weights, so it comes last")
+    rest = [n for n in names if n not in ENTROPY_CODECS]
+    return (rest or ["none"]), (coders[0] if coders else entropy)
 
 
 def _verify(

@@ -4,7 +4,8 @@ Layout (a directory, or the same packed into one ``.tar``)::
 
     manifest.json           format version, I/O signature, target, tools, pass log, sha256 of files
     model.so                compiled code for the target (weights are not in it)
-    weights.npz             parameters of ``main``, in call order (names in the manifest)
+    weights.npz             parameters of ``main``, in call order (names in the manifest), or
+    weights.coded           the same entropy-coded (``--entropy zstd|ans``; passes/entropy_code.py)
     reference/inputs.npz    reference inputs, stacked along a leading sample axis
     reference/outputs.npz   ONNX Runtime's outputs of the *original* model on them
     report.md               the human report
@@ -39,6 +40,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CODE = "model.so"
 WEIGHTS = "weights.npz"
+WEIGHTS_CODED = "weights.coded"
 REF_INPUTS = "reference/inputs.npz"
 REF_OUTPUTS = "reference/outputs.npz"
 REPORT = "report.md"
@@ -177,6 +179,15 @@ class Bundle:
         with np.load(self.root / rel, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
 
+    def weights(self) -> dict[str, np.ndarray]:
+        """The parameters by key, decoded (and checked tensor by tensor) if entropy-coded."""
+        rel = self.manifest["runtime"]["weights"]
+        if rel.endswith(".npz"):
+            return self.load_npz(rel)
+        from edgecomp.passes.entropy_code import decode
+
+        return decode((self.root / rel).read_bytes(), where=str(self.root / rel))
+
     def reference(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(stacked reference inputs, stacked ORT outputs of the original model)."""
         return self.load_npz(REF_INPUTS), self.load_npz(REF_OUTPUTS)
@@ -195,7 +206,7 @@ class Bundle:
 
             lib = tvm.runtime.load_module(str(self.root / self.manifest["runtime"]["code"]))
             self._vm = relax.VirtualMachine(lib, tvm.cpu())
-            weights = self.load_npz(self.manifest["runtime"]["weights"])
+            weights = self.weights()
             self._params = [tvm.runtime.tensor(weights[p["key"]]) for p in self.manifest["params"]]
         return self._vm, self._params
 

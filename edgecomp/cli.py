@@ -84,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--int8-keep-float", metavar="NODE,...", default="", help="nodes never quantized")
     q.add_argument("--int8-activations", choices=["int8", "uint8"], default="int8", help="activation type (default int8)")
+    pr = b.add_argument_group("pruning")
+    pr.add_argument(
+        "--prune",
+        metavar="SPEC",
+        help="METHOD:TARGET[,OPTION...]: magnitude:F (zero the fraction F of each layer's smallest weights) | "
+        "magnitude:global:F (one threshold over all layers) | nm[:N:M] (keep N of every M along the input axis, "
+        "default 2:4) | channel:F (remove the fraction F of Conv/Gemm output channels and the matching consumer "
+        "inputs) | METHOD:budget:cosine=C|top1=A|params=NX (per-layer sparsity by measured sensitivity on "
+        "--calib); options: skip=NODE (repeatable), min=N (smallest weight pruned), layers=gemm+matmul+conv, "
+        "norm=l1|l2 (channel ranking), @NODE=F (one node's sparsity). E.g. magnitude:0.7,min=1024",
+    )
+    b.add_argument(
+        "--entropy",
+        choices=["zstd", "ans"],
+        help="entropy-code the bundle's weights file: zstd (level, byte shuffle and dictionary chosen by "
+        "measurement) or ans (rANS, per-tensor histograms; needs constriction); also 'zstd' last in --passes",
+    )
     b.add_argument("--calib", metavar="NPZ", help="calibration inputs for data-aware passes (default: example's calib split)")
     b.add_argument("--accuracy-cosine", type=float, default=0.98, help="lossy passes: min cosine vs the original (default 0.98)")
     b.add_argument("--accuracy-top1", type=float, default=0.0, help="lossy passes: min top-1 agreement vs the original (default 0)")
@@ -149,6 +166,8 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
         tolerance=Tolerance(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, min_top1=args.min_top1),
         lowrank=lowrank,
         int8=_int8_config(args),
+        prune=args.prune,
+        entropy=args.entropy,
         calib=args.calib,
         accuracy=Tolerance(atol=math.inf, rtol=0.0, min_cosine=args.accuracy_cosine, min_top1=args.accuracy_top1),
         force=args.force,
@@ -173,6 +192,9 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
                 f"pass {p['name']}: params {n0:,} → {n1:,}, weight bytes {b0:,} → {b1:,} "
                 f"({b0 / max(1, b1):.2f}x smaller)"
             )
+            if "sparsity" in p["stats"] and "layer_weights" in p["stats"]:
+                st = p["stats"]
+                print(f"  {st['zeros_after']:,} of {st['layer_weights']:,} layer weights are zero (sparsity {st['sparsity']:.3f})")
     if any(p["lossy"] for p in m["passes"]):
         for o in v["vs_original"]["outputs"]:
             top1 = f", top-1 agreement {o['top1']:.3f}" if o.get("top1") is not None else ""

@@ -10,8 +10,11 @@ __all__ = ["render_report", "layer_table"]
 _NOT_TABULATED = ("spectrum",)
 
 
-def _cell(value: Any) -> str:
-    """A layer record's value as table text: ``[before, after]`` pairs as ``before → after``."""
+def _cell(value: Any, key: str = "") -> str:
+    """A layer record's value as table text: shapes as ``64×512``, other ``[before, after]``
+    pairs as ``before → after``."""
+    if key.endswith("shape") and isinstance(value, (list, tuple)):
+        return "×".join(str(d) for d in value)
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         return f"{_cell(value[0])} → {_cell(value[1])}"
     if isinstance(value, bool) or value is None:
@@ -26,7 +29,7 @@ def _cell(value: Any) -> str:
 def layer_table(layers: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of a pass's per-layer records, whatever fields that pass records."""
     header = [k for k in dict.fromkeys(k for layer in layers for k in layer) if k not in _NOT_TABULATED]
-    return header, [[_cell(layer.get(k)) for k in header] for layer in layers]
+    return header, [[_cell(layer.get(k), k) for k in header] for layer in layers]
 
 
 def _fmt_bytes(n: int) -> str:

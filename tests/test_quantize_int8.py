@@ -1,0 +1,201 @@
+"""The int8 pass: QDQ with int8 weights, numerics against ONNX Runtime's own int8 model, budgets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgecomp
+from edgecomp.errors import InputError
+from edgecomp.numerics import Tolerance, compare, run_ort
+from edgecomp.passes.quantize_int8 import QuantizeConfig, QuantizeInt8, parse_int8
+
+from helpers import make_model
+
+
+def conv_mlp(seed: int = 0) -> onnx.ModelProto:
+    """Conv 3x3 → Relu → Flatten → Gemm → Relu → Gemm: the contractions int8 quantizes."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 2, 3, 3)) * 0.3).astype(np.float32), "cw"),
+        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "cb"),
+        numpy_helper.from_array((rng.standard_normal((32, 8 * 6 * 6)) * 0.05).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((10, 32)) * 0.2).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "b2"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "cw", "cb"], ["c"], name="conv", kernel_shape=[3, 3]),
+        n("Relu", ["c"], ["r"], name="relu"),
+        n("Flatten", ["r"], ["f"], name="flat"),
+        n("Gemm", ["f", "w1", "b1"], ["h"], name="fc1", transB=1),
+        n("Relu", ["h"], ["hr"], name="relu1"),
+        n("Gemm", ["hr", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    return make_model(graph)
+
+
+def samples(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 2, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def quantize(model: onnx.ModelProto, config: QuantizeConfig, calib) -> tuple[onnx.ModelProto, object]:
+    result = QuantizeInt8(config, calib)(ir.serde.deserialize_model(model))
+    return ir.serde.serialize_model(result.model), result
+
+
+def ort_quantized(model: onnx.ModelProto, calib, tmp_path) -> onnx.ModelProto:
+    """ONNX Runtime's own quantize_static with the same settings, called directly."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = tmp_path / "ort-int8.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    quantize_static(copy, str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return onnx.load(str(out))
+
+
+def test_weights_become_int8_behind_dequantize():
+    model, calib = conv_mlp(), samples(32, 1)
+    q, result = quantize(model, QuantizeConfig(), calib)
+    inits = {i.name: i for i in q.graph.initializer}
+    for node in q.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            producer = next(p for p in q.graph.node if node.input[1] in p.output)
+            assert producer.op_type == "DequantizeLinear"
+            w = inits[producer.input[0]]
+            assert w.data_type == TensorProto.INT8
+            scale = numpy_helper.to_array(inits[producer.input[1]])
+            assert scale.shape == (w.dims[0],)  # per output channel
+    assert result.stats["layers_quantized"] == 3
+    assert result.stats["weight_bytes_after"] * 4 == result.stats["weight_bytes_before"]
+    assert {r["decision"] for r in result.layers} == {"int8"}
+
+
+def test_matches_onnxruntime_own_int8_model(tmp_path):
+    """Same calibration and settings → the same int8 model as calling ORT directly."""
+    model, calib, test = conv_mlp(), samples(32, 1), samples(16, 2)
+    ours, _ = quantize(model, QuantizeConfig(), calib)
+    theirs = ort_quantized(model, calib, tmp_path)
+    got, want = run_ort(ours, test, ["y"]), run_ort(theirs, test, ["y"])
+    assert compare(["y"], want, got, Tolerance(atol=0, rtol=0, min_cosine=1 - 1e-12)).ok
+    # and int8 stays close to float on these inputs: cosine ≥ 0.99 per sample
+    fp = run_ort(model, test, ["y"])
+    cmp = compare(["y"], fp, got, Tolerance(atol=np.inf, rtol=0, min_cosine=0.99, min_top1=0.0))
+    assert cmp.ok, cmp.failures
+    assert cmp.outputs[0].max_abs > 0  # it really is quantized
+
+
+def test_compiled_int8_bundle_matches_onnxruntime_int8(tmp_path):
+    """TVM runs the QDQ graph (dequantize → fp32 compute → quantize); ORT runs int8 kernels.
+    Both round at the same points, so the outputs agree to float rounding."""
+    model, calib, test = conv_mlp(), samples(32, 1), samples(8, 2)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    res = edgecomp.build(path, output=tmp_path / "b", int8="minmax",
+                         calib={"x": np.stack([s["x"] for s in calib])},
+                         reference_inputs={"x": np.stack([s["x"] for s in test])})
+    num = res.verification["numerics"]
+    assert num["ok"] and num["outputs"][0]["max_abs"] <= 1e-4
+    b = edgecomp.load_bundle(res.path)
+    try:
+        dtypes = {p["dtype"] for p in b.manifest["params"]}
+        assert "int8" in dtypes  # weights are stored as int8 in the bundle
+        w = b.weights()
+        int8_shapes = sorted(a.shape for a in w.values() if a.dtype == np.int8 and a.ndim > 1)
+        assert int8_shapes == [(8, 2, 3, 3), (10, 32), (32, 288)]
+        assert not any(a.dtype == np.float32 and a.ndim > 1 for a in w.values())  # no float copy
+    finally:
+        b.close()
+
+
+def test_budget_leaves_most_sensitive_layer_in_float():
+    """Layers that cannot be quantized well are left in float, most sensitive first, until the
+    budget is met (one huge weight per output channel squeezes the others to zero)."""
+    model = conv_mlp()
+    w1 = next(i for i in model.graph.initializer if i.name == "w1")
+    arr = numpy_helper.to_array(w1).copy()
+    arr[:, 0] = 400.0  # every channel's scale set by a feature that is almost always 0 after Relu
+    w1.CopyFrom(numpy_helper.from_array(arr, "w1"))
+    calib = samples(32, 1)
+    _, plain = quantize(model, QuantizeConfig(), calib)
+    assert plain.stats["layers_quantized"] == 3
+    q, res = quantize(model, QuantizeConfig(budget=("cosine", 0.999)), calib)
+    assert res.stats["calibration_metric_all_int8"] < 0.999 <= res.stats["calibration_metric"]
+    decisions = {r["name"]: r["decision"] for r in res.layers}
+    sens = {r["name"]: r["sensitivity"] for r in res.layers}
+    # fc1's outlier hurts fc1 itself and, through its huge output range, fc2's quantized input:
+    # both measure far more sensitive than the conv, and both are left in float; the conv stays int8.
+    assert min(sens["fc1"], sens["fc2"]) > 100 * sens["conv"]
+    assert decisions == {"conv": "int8", "fc1": "float (most sensitive)", "fc2": "float (most sensitive)"}
+    assert res.stats["kept_float_by_budget"] == sorted(["fc1", "fc2"], key=lambda n: -sens[n])
+    fc1 = next(n for n in q.graph.node if n.name == "fc1")
+    assert fc1.input[1] == "w1"  # still the float initializer
+    conv = next(n for n in q.graph.node if n.name == "conv")
+    assert conv.input[1] != "cw"  # behind a DequantizeLinear
+
+
+def test_keep_float_is_respected():
+    q, res = quantize(conv_mlp(), QuantizeConfig(keep_float=("fc2",)), samples(16, 1))
+    assert {r["name"]: r["decision"] for r in res.layers}["fc2"].startswith("float")
+    assert next(n for n in q.graph.node if n.name == "fc2").input[1] == "w2"
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile=99.9"])
+def test_calibration_methods_run_and_stay_close(method):
+    model, calib, test = conv_mlp(), samples(32, 1), samples(8, 2)
+    q, _ = quantize(model, parse_int8(method), calib)
+    cmp = compare(["y"], run_ort(model, test, ["y"]), run_ort(q, test, ["y"]),
+                  Tolerance(atol=np.inf, rtol=0, min_cosine=0.97, min_top1=0.0))
+    assert cmp.ok, (method, cmp.failures)
+
+
+@pytest.mark.parametrize("spec", ["median", "minmax:budget:size=2", "percentile=20", "entropy:budget:top1=1.5", "minmax=3"])
+def test_bad_specs(spec):
+    with pytest.raises(InputError, match="--int8"):
+        parse_int8(spec)
+
+
+def test_needs_calibration_data():
+    with pytest.raises(InputError, match="calibration"):
+        QuantizeInt8(QuantizeConfig(), None)
+
+
+def test_cli_digits_int8(tmp_path):
+    out = tmp_path / "d"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecomp", "build", "--example", "digits", "--int8", "minmax", "-o", str(out), "-q", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    int8 = next(p for p in m["passes"] if p["name"] == "int8")
+    assert int8["stats"]["layers_quantized"] == 4
+    assert int8["param_bytes"][1] < int8["param_bytes"][0] / 3.5
+    ev = m["verification"]["evaluation"]
+    assert ev["compiled_accuracy"] >= ev["ort_accuracy"] - 0.01  # ≤ 1 point lost on the test split

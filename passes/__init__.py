@@ -23,6 +23,7 @@ from edgecomp.passes.base import StatsResult, count_nodes, count_params
 from edgecomp.passes.dead_code import RemoveDeadCode
 from edgecomp.passes.fold_constants import FoldConstants
 from edgecomp.passes.lowrank import LowRank, LowRankConfig
+from edgecomp.passes.prune import Prune, PruneConfig
 from edgecomp.passes.quantize_int8 import QuantizeConfig, QuantizeInt8
 from edgecomp.passes.shape_inference import InferShapes
 
@@ -45,6 +46,7 @@ class PassContext:
 
     lowrank: LowRankConfig | None = None
     int8: QuantizeConfig | None = None
+    prune: PruneConfig | None = None
     calib: Samples | None = None
 
 
@@ -52,6 +54,12 @@ def _lowrank(ctx: PassContext) -> LowRank:
     if ctx.lowrank is None:
         raise InputError("pass 'lowrank' needs a rank policy: --lowrank erank:1.0 (or energy:0.95, budget:params=2x, ...)")
     return LowRank(ctx.lowrank, ctx.calib)
+
+
+def _prune(ctx: PassContext) -> Prune:
+    if ctx.prune is None:
+        raise InputError("pass 'prune' needs a spec: --prune magnitude:0.5 (or nm:2:4, channel:0.25, ...)")
+    return Prune(ctx.prune, ctx.calib)
 
 
 def _int8(ctx: PassContext) -> QuantizeInt8:
@@ -64,6 +72,7 @@ PASSES: dict[str, Callable[[PassContext], ir.passes.PassBase]] = {
     "dce": lambda ctx: RemoveDeadCode(),
     "lowrank": _lowrank,
     "int8": _int8,
+    "prune": _prune,
 }
 
 DEFAULT_PASSES = ("shape", "fold", "dce", "shape")

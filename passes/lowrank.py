@@ -25,7 +25,9 @@ from edgecomp.passes import activations
 from edgecomp.passes.base import StatsResult
 from edgecomp.passes.rank_selection import RANK_LADDER, RankPolicy, effective_rank, greedy_allocate
 
-__all__ = ["Cost", "FactorizableLayer", "LowRankConfig", "LowRank", "register_factorizer", "FACTORIZERS"]
+__all__ = [
+    "Cost", "FactorizableLayer", "LowRankConfig", "LowRank", "register_factorizer", "FACTORIZERS", "calibration_probe",
+]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,32 @@ def _spread(samples: list, count: int) -> list:
         return samples
     idx = np.linspace(0, len(samples) - 1, count).round().astype(int)
     return [samples[i] for i in idx]
+
+
+def calibration_probe(model: ir.Model, calib: Samples, kind: str) -> Callable[[Callable[[ir.Model], Any]], float]:
+    """``probe(edit)``: the budget metric of a copy of ``model`` changed by ``edit`` (which rewrites
+    the copy in place), against ``model``'s own outputs on ``calib`` (run once, here).
+
+    ``kind`` ``"top1"``: the lowest top-1 agreement over classifier-like outputs (the mean cosine
+    when no output is one); otherwise the lowest per-output mean cosine. Shared by the passes that
+    allocate a budget by measured sensitivity (low rank, pruning).
+    """
+    from edgecomp.numerics import Tolerance, compare
+
+    reference = activations.model_outputs(model, calib)
+    names = [o.name for o in model.graph.outputs]
+
+    def probe(edit: Callable[[ir.Model], Any]) -> float:
+        trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        edit(trial)
+        cmp = compare(names, reference, activations.model_outputs(trial, calib), Tolerance())
+        if kind == "top1":
+            tops = [o.top1 for o in cmp.outputs if o.top1 is not None]
+            if tops:
+                return float(min(tops))
+        return float(min(o.mean_cosine for o in cmp.outputs))
+
+    return probe
 
 
 class LowRank(ir.passes.InPlacePass):
@@ -272,25 +300,13 @@ class LowRank(ir.passes.InPlacePass):
 
     def _allocate(self, model: ir.Model, layers: Sequence[FactorizableLayer]) -> tuple[dict[str, int | None], dict]:
         """Greedy allocation of a global budget by measured sensitivity (see rank_selection)."""
-        from edgecomp.numerics import Tolerance, compare
-
         budget = self.config.policy
         calib = _spread(self.calib, self.config.max_sensitivity)
-        reference = activations.model_outputs(model, calib)
-        names = [o.name for o in model.graph.outputs]
+        probe = calibration_probe(model, calib, budget.budget or "cosine")
+        by_name = {layer.name: layer for layer in layers}
 
         def metric(ranks: dict[str, int]) -> float:
-            trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-            by_name = {layer.name: layer for layer in layers}
-            for name, rank in ranks.items():
-                by_name[name].apply(trial, rank)
-            got = activations.model_outputs(trial, calib)
-            cmp = compare(names, reference, got, Tolerance())
-            if budget.budget == "top1":
-                tops = [o.top1 for o in cmp.outputs if o.top1 is not None]
-                if tops:
-                    return float(min(tops))
-            return float(min(o.mean_cosine for o in cmp.outputs))
+            return probe(lambda trial: [by_name[name].apply(trial, rank) for name, rank in ranks.items()])
 
         unit = "macs" if budget.budget == "flops" else "params"
         ladders: dict[str, list[tuple[int, float, float]]] = {}

@@ -112,8 +112,9 @@ def bundle_html(manifest: dict[str, Any]) -> str:
     steps = [("input model", m["passes"][0]["param_bytes"][0] / 1024)] if m["passes"] else []
     steps += [(p["name"], p["param_bytes"][1] / 1024) for p in m["passes"]]
     files = m.get("files", {})
-    if "weights.npz" in files:
-        steps.append(("weights.npz", files["weights.npz"]["bytes"] / 1024))
+    weights_file = m.get("runtime", {}).get("weights", "weights.npz")
+    if weights_file in files:
+        steps.append((weights_file, files[weights_file]["bytes"] / 1024))
     fig = waterfall_figure(steps)
     if fig is not None:
         sections.append(("Size waterfall (parameter bytes)", f"<img src='{png_data_uri(fig)}'>"))

@@ -50,6 +50,34 @@ def _numerics(check: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _entropy_section(ec: dict[str, Any] | None) -> list[str]:
+    """The coded weights file against its order-0 Shannon bound, per dtype group and tensor."""
+    if not ec:
+        return []
+    lines = [
+        "", f"## Entropy coding of the weights ({ec['codec']})", "",
+        f"- {ec['raw_bytes']:,} B of weights → {ec['coded_bytes']:,} B coded ({ec['ratio']:.2f}x), "
+        f"of which {ec['header_bytes']:,} B header; order-0 Shannon bound {ec['bound_bytes']:,} B "
+        f"(coded / bound = {ec['vs_bound']:.3f})",
+        "",
+        "| dtype | tensors | layout | byte shuffle | level | raw | coded | bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in ec["groups"]:
+        lines.append(
+            f"| {g['dtype']} | {g['tensors']} | {g.get('layout', '–')} | {g.get('shuffle', '–')} | "
+            f"{g.get('level', '–')} | {g['raw_bytes']:,} | {g['coded_bytes']:,} | {g['bound_bytes']:,} |"
+        )
+    big = sorted(ec.get("tensors", []), key=lambda t: -t["bytes"])[:10]
+    if big:
+        lines += ["", "Largest tensors (the bound counts the symbols a byte coder sees: values for 1-byte "
+                  "dtypes, byte planes for wider ones):", "",
+                  "| tensor | dtype | shape | raw | bound | value entropy (bits/value) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t['key']} | {t['dtype']} | {'×'.join(map(str, t['shape']))} | {t['bytes']:,} | "
+                  f"{t['bound_bytes']:,} | {t['value_entropy_bits']} |" for t in big]
+    return lines
+
+
 def render_report(m: dict[str, Any]) -> str:
     t = m["target"]
     lines = [
@@ -88,6 +116,7 @@ def render_report(m: dict[str, Any]) -> str:
         header, rows = layer_table(p["layers"])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += _entropy_section(m.get("entropy_coding"))
     v = m["verification"]
     lines += ["", "## Verification of the compiled code", ""]
     lines.append(f"- ran: {v['ran']}")

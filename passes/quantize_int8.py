@@ -52,7 +52,8 @@ class QuantizeConfig:
             in float until the calibration metric vs the unquantized model reaches the value.
         activations: ``int8`` (asymmetric, ORT's CPU recommendation for QDQ) or ``uint8``.
         per_channel: one weight scale per output channel (symmetric int8 weights).
-        op_types: ONNX ops to quantize.
+        op_types: ONNX ops to quantize (add ``Gather`` for embedding tables: int8 table,
+            dequantized rows).
         keep_float: node names never quantized.
         max_calib: calibration samples for the tensor ranges.
         max_sensitivity: calibration samples each sensitivity measurement runs.
@@ -102,6 +103,12 @@ def parse_int8(text: str) -> QuantizeConfig:
     except ValueError:
         raise bad from None
     return QuantizeConfig(**kwargs)
+
+
+def _weight_input(node: onnx.NodeProto) -> str:
+    """The weight of a contraction (input 1) or the table of an embedding lookup (Gather input 0)."""
+    index = 0 if node.op_type == "Gather" else 1
+    return node.input[index] if len(node.input) > index else ""
 
 
 class _Reader:
@@ -163,7 +170,7 @@ class QuantizeInt8(ir.passes.FunctionalPass):
         inits = {i.name for i in proto.graph.initializer}
         return [
             n.name for n in proto.graph.node
-            if n.op_type in self.config.op_types and any(x in inits for x in n.input[1:2])
+            if n.op_type in self.config.op_types and _weight_input(n) in inits
         ]
 
     def _quantize(self, proto: onnx.ModelProto, exclude: list[str], work: Path) -> onnx.ModelProto:
@@ -253,7 +260,7 @@ class QuantizeInt8(ir.passes.FunctionalPass):
         records = []
         for name in layers:
             node = nodes[name]
-            w = inits[node.input[1]]
+            w = inits[_weight_input(node)]
             size = int(np.prod(w.dims))
             float_bytes = size * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(w.data_type)).itemsize
             keep = name in excluded

@@ -76,7 +76,8 @@ def ort_quantized(model: onnx.ModelProto, calib, tmp_path) -> onnx.ModelProto:
     quantize_static(copy, str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                   "OpTypesToExcludeOutputQuantization": ["Conv", "MatMul", "Gemm"]})
     return onnx.load(str(out))
 
 

@@ -197,7 +197,9 @@ class QuantizeInt8(ir.passes.FunctionalPass):
                 weight_type=QuantType.QInt8,
                 activation_type=act,
                 op_types_to_quantize=list(self.config.op_types),
-                nodes_to_exclude=list(exclude),
+                # Only the layers with a constant weight: an activation × activation MatMul
+                # (attention scores) gains no storage and loses accuracy when quantized.
+                nodes_to_quantize=[n for n in self._candidates(proto) if n not in exclude],
                 calibrate_method=method,
                 extra_options={
                     "ActivationSymmetric": False,

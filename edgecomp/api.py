@@ -41,7 +41,7 @@ from edgecomp.targets import Target, get_target
 from edgecomp.versions import package_versions
 from edgecomp.targets.lowering import compile_relax, elf_arch, export_library, to_relax
 
-__all__ = ["BuildResult", "build", "inspect_model", "run_bundle", "tool_versions"]
+__all__ = ["BuildResult", "build", "inspect_model", "run_bundle", "check", "tool_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,8 @@ def build(
         fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress
     )
 
+    code_tolerance, code_tolerance_note = _code_tolerance(final, tolerance)
+
     with bundle_fmt.staged_output(out, force=force, protect=[model_path]) as stage:
         with progress.stage("importing into TVM Relax"):
             relax_model = to_relax(final, {s.name: s.shape for s in in_specs}, {s.name: s.dtype for s in in_specs})
@@ -304,6 +306,7 @@ def build(
             "reference": {"inputs": bundle_fmt.REF_INPUTS, "outputs": bundle_fmt.REF_OUTPUTS, "source": sample_source, "samples": len(samples)},
             "calibration": {"source": calib_source, "samples": len(calib_samples or [])},
             "tolerance": tolerance.to_json(),
+            "code_tolerance": {**code_tolerance.to_json(), "why": code_tolerance_note},
             "accuracy": accuracy.to_json(),
             "tools": tool_versions(tgt),
             "passes": [r.to_json() for r in records],
@@ -313,7 +316,7 @@ def build(
         with progress.stage("verifying compiled code against ONNX Runtime"):
             verification, check = _verify(
                 tgt, stage, manifest, relax_model, in_specs, samples, reference, final_reference,
-                out_names, tolerance, accuracy, ex, original, lossy, progress,
+                out_names, code_tolerance, accuracy, ex, original, lossy, progress,
             )
         if not check.ok:
             raise NumericsError(f"compiled code does not match ONNX Runtime: {'; '.join(check.failures)}")
@@ -328,6 +331,26 @@ def build(
         manifest = bundle_fmt.finalize_manifest(stage, manifest)
     progress.note(f"bundle written to {out}")
     return BuildResult(out, manifest, graph=final)
+
+
+# How close compiled QDQ code must be to ORT running the same graph. Both compute in fp32 between
+# QuantizeLinear/DequantizeLinear pairs, but in a different summation order: a 1-ulp difference
+# that lands on a rounding boundary flips one int8 value, and the flip propagates through every
+# later quantization. Measured on MobileNetV2 int8 (8 photos): the first flipped value appears in
+# block 7 and the logits end at cosine 0.982, top-1 7/8; small graphs match exactly. So the
+# compiled code of a quantized graph is held to a cosine bound, not to bit-level closeness.
+INT8_CODE_TOLERANCE = Tolerance(atol=float("inf"), rtol=0.0, min_cosine=0.95, min_top1=0.0)
+
+
+def _code_tolerance(final, tolerance: Tolerance) -> tuple[Tolerance, str]:
+    """The tolerance compiled code is held to against ORT on the final graph (see above)."""
+    if not any(n.op_type == "QuantizeLinear" for n in final.graph.node):
+        return tolerance, "exact: the given tolerance"
+    return (
+        INT8_CODE_TOLERANCE,
+        "quantized (QDQ) graph: fp32 summation order decides int8 rounding ties, which propagate; "
+        "held to cosine >= 0.95 against ORT running the same graph",
+    )
 
 
 def _split_entropy(passes, entropy: str | None) -> tuple[Any, str | None]:
@@ -436,3 +459,52 @@ def run_bundle(path: str | os.PathLike, inputs: str | os.PathLike | dict[str, np
         return out if stacked else {k: v[0] for k, v in out.items()}
     finally:
         b.close()
+
+
+def check(
+    bundle: str | os.PathLike,
+    device: Any = "local",
+    *,
+    inputs: str | os.PathLike | dict[str, np.ndarray] | None = None,
+    baseline: str | os.PathLike | None = None,
+    save_baseline: str | os.PathLike | None = None,
+    repeats: int = 30,
+    warmup: int = 3,
+    number: int | None = None,
+    tolerance: Tolerance | None = None,
+    thresholds: Any = None,
+    max_latency_ms: float | None = None,
+    connect_timeout: float | None = None,
+    timeout: float | None = None,
+    progress: Progress | None = None,
+):
+    """Run a bundle on a device and check accuracy, latency and memory, optionally vs a baseline.
+
+    Args:
+        bundle: bundle directory or ``.tar``.
+        device: ``"local"``, ``"rpc://HOST:PORT"``, ``"tracker://HOST:PORT/KEY"``, ``"emu-arm64"``,
+            or a ``edgecomp.targets.devices.Device`` (a started one is reused and left running).
+        inputs: ``.npz`` (or dict) of inputs to check on, optionally with the expected outputs;
+            default: the bundle's reference inputs and ORT outputs of the original model.
+        baseline: a file written by an earlier ``save_baseline``: regressions fail the check.
+        save_baseline: write this run's numbers there (only when every check passed).
+        repeats, warmup, number: timing: ``repeats`` timed repeats, each the mean of ``number``
+            runs (default: enough runs for about 5 ms), after ``warmup`` untimed runs.
+        tolerance: accuracy vs ORT on the original model (default: the bundle's manifest).
+        thresholds: ``edgecomp.checks.Thresholds`` for regressions (latency ratio, accuracy drop).
+        max_latency_ms: fail when the median is slower (real devices only).
+        connect_timeout, timeout: bounds (s) on reaching the device and on the whole session.
+    Returns:
+        ``edgecomp.checks.CheckReport``: ``.exit_code`` (0 pass, 1 failed), ``.table()``,
+        ``.to_json()``, ``.junit_xml()``.
+    Raises:
+        EdgecompError: device unreachable or failed (``DeviceError``), bad bundle, input or
+            baseline (exit code 2).
+    """
+    from edgecomp.checks import Thresholds, run_check
+
+    return run_check(
+        bundle, device, inputs=inputs, baseline=baseline, save_baseline=save_baseline, repeats=repeats,
+        warmup=warmup, number=number, tolerance=tolerance, thresholds=thresholds or Thresholds(),
+        max_latency_ms=max_latency_ms, connect_timeout=connect_timeout, timeout=timeout, progress=progress,
+    )

@@ -7,9 +7,9 @@ verified, checksummed bundle out. One call does the main job::
     edgecomp.build("model.onnx", target="arm64", input_shapes={"input": (1, 3, 224, 224)})
 """
 
-from edgecomp.api import BuildResult, build, inspect_model, run_bundle
+from edgecomp.api import BuildResult, build, check, inspect_model, run_bundle
 from edgecomp.bundle import Bundle, load_bundle
-from edgecomp.errors import BundleError, EdgecompError, InputError, NumericsError, UnsupportedModelError
+from edgecomp.errors import BundleError, DeviceError, EdgecompError, InputError, NumericsError, UnsupportedModelError
 from edgecomp.numerics import Tolerance
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "build",
     "inspect_model",
     "run_bundle",
+    "check",
     "load_bundle",
     "Bundle",
     "BuildResult",
@@ -27,5 +28,6 @@ __all__ = [
     "UnsupportedModelError",
     "NumericsError",
     "BundleError",
+    "DeviceError",
     "__version__",
 ]

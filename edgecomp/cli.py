@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "optionally :budget:top1=A or :budget:cosine=C to leave the most sensitive layers in float",
     )
     q.add_argument("--int8-keep-float", metavar="NODE,...", default="", help="nodes never quantized")
+    q.add_argument("--int8-ops", default="Conv,MatMul,Gemm", help="ops to quantize (default Conv,MatMul,Gemm; add Gather for embeddings)")
     q.add_argument("--int8-activations", choices=["int8", "uint8"], default="int8", help="activation type (default int8)")
     pr = b.add_argument_group("pruning")
     pr.add_argument(
@@ -119,6 +120,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help=".npz with one array per input name (default: the bundle's reference inputs)")
     r.add_argument("--output", help="write the outputs to this .npz")
     _common(r)
+
+    c = sub.add_parser("check", help="run a bundle on a device: accuracy vs ONNX Runtime, latency, regressions")
+    c.add_argument("bundle", help="bundle directory or .tar")
+    c.add_argument("-d", "--device", default="local",
+                   help="local | emu-arm64[:CPU] | rpc://HOST:PORT | tracker://HOST:PORT/KEY (default local)")
+    c.add_argument("--inputs", metavar="NPZ", help="inputs to check on, optionally with expected outputs (default: the bundle's reference)")
+    c.add_argument("--baseline", metavar="FILE", help="fail (exit 1) on a regression vs this baseline")
+    c.add_argument("--save-baseline", metavar="FILE", help="write this run's numbers as a baseline (when every check passes)")
+    c.add_argument("--junit", metavar="XML", help="write JUnit XML, one testcase per check")
+    c.add_argument("--repeats", type=int, default=30, help="timed repeats (default 30)")
+    c.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    c.add_argument("--number", type=int, help="runs averaged per repeat (default: enough for ~5 ms)")
+    c.add_argument("--atol", type=float, help="absolute tolerance vs ONNX Runtime (default: the bundle's)")
+    c.add_argument("--rtol", type=float, help="tolerance relative to max|output| (default: the bundle's)")
+    c.add_argument("--min-cosine", type=float, help="minimum cosine per sample (default: the bundle's)")
+    c.add_argument("--min-top1", type=float, help="minimum top-1 agreement (default: the bundle's)")
+    c.add_argument("--max-latency-ratio", type=float, default=1.5, help="latency regression: median vs baseline (default 1.5)")
+    c.add_argument("--max-cosine-drop", type=float, default=1e-4, help="accuracy regression: min cosine drop vs baseline (default 1e-4)")
+    c.add_argument("--max-top1-drop", type=float, default=0.0, help="accuracy regression: top-1 agreement drop vs baseline (default 0)")
+    c.add_argument("--max-latency-ms", type=float, help="fail when the median latency is above this (real devices only)")
+    c.add_argument("--connect-timeout", type=float, help="seconds to reach the device (default 20)")
+    c.add_argument("--timeout", type=float, help="seconds the whole device session may take (default 600)")
+    _common(c)
 
     t = sub.add_parser("targets", help="list registered targets and their TVM target dicts")
     _common(t)
@@ -216,7 +240,8 @@ def _int8_config(args: argparse.Namespace):
     if not args.int8:
         return None
     keep = tuple(n.strip() for n in args.int8_keep_float.split(",") if n.strip())
-    return dataclasses.replace(parse_int8(args.int8), keep_float=keep, activations=args.int8_activations)
+    ops = tuple(o.strip() for o in args.int8_ops.split(",") if o.strip())
+    return dataclasses.replace(parse_int8(args.int8), keep_float=keep, activations=args.int8_activations, op_types=ops)
 
 
 def _cmd_inspect(args: argparse.Namespace, progress) -> int:
@@ -272,6 +297,66 @@ def _cmd_run(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace, progress) -> int:
+    import signal
+    import threading
+
+    def _terminated(signum, frame):  # CI cancels with SIGTERM: stop the device like on Ctrl-C
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    try:
+        return _check(args, progress)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _check(args: argparse.Namespace, progress) -> int:
+    from edgecomp.api import check
+    from edgecomp.checks import Thresholds, bundle_tolerance, write_junit
+    from edgecomp.errors import EdgecompError
+    from edgecomp.numerics import Tolerance
+
+    tolerance = None
+    if any(v is not None for v in (args.atol, args.rtol, args.min_cosine, args.min_top1)):
+        from edgecomp.bundle import load_bundle
+
+        b = load_bundle(args.bundle)
+        try:
+            base = bundle_tolerance(b.manifest)
+        finally:
+            b.close()
+        tolerance = Tolerance(
+            atol=base.atol if args.atol is None else args.atol,
+            rtol=base.rtol if args.rtol is None else args.rtol,
+            min_cosine=base.min_cosine if args.min_cosine is None else args.min_cosine,
+            min_top1=base.min_top1 if args.min_top1 is None else args.min_top1,
+        )
+    try:
+        report = check(
+            args.bundle, args.device, inputs=args.inputs, baseline=args.baseline, save_baseline=args.save_baseline,
+            repeats=args.repeats, warmup=args.warmup, number=args.number, tolerance=tolerance,
+            thresholds=Thresholds(args.max_latency_ratio, args.max_cosine_drop, args.max_top1_drop),
+            max_latency_ms=args.max_latency_ms, connect_timeout=args.connect_timeout, timeout=args.timeout,
+            progress=progress,
+        )
+    except EdgecompError as err:
+        if args.junit:  # CI still gets a test report: one errored testcase
+            write_junit(None, args.junit, error=str(err), device=args.device, bundle=args.bundle)
+        raise
+    if args.junit:
+        write_junit(report, args.junit)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(report.table())
+        if args.junit:
+            print(f"JUnit XML written to {args.junit}")
+    return report.exit_code
+
+
 def _cmd_targets(args: argparse.Namespace, progress) -> int:
     from edgecomp.targets import list_targets
 
@@ -297,7 +382,7 @@ def _cmd_targets(args: argparse.Namespace, progress) -> int:
     return 0
 
 
-_COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "run": _cmd_run, "targets": _cmd_targets}
+_COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "run": _cmd_run, "check": _cmd_check, "targets": _cmd_targets}
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ with the error's ``exit_code``; anything else is a bug and is reported as an int
 
 from __future__ import annotations
 
-__all__ = ["EdgecompError", "InputError", "UnsupportedModelError", "NumericsError", "BundleError"]
+__all__ = ["EdgecompError", "InputError", "UnsupportedModelError", "NumericsError", "BundleError", "DeviceError"]
 
 
 class EdgecompError(Exception):
@@ -26,6 +26,10 @@ class UnsupportedModelError(EdgecompError):
 
 class BundleError(EdgecompError):
     """A bundle that is missing, malformed, tampered with, or built for another machine."""
+
+
+class DeviceError(EdgecompError):
+    """A device that cannot be reached, did not answer in time, or failed while running a bundle."""
 
 
 class NumericsError(EdgecompError):

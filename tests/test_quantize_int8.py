@@ -200,3 +200,23 @@ def test_cli_digits_int8(tmp_path):
     assert int8["param_bytes"][1] < int8["param_bytes"][0] / 3.5
     ev = m["verification"]["evaluation"]
     assert ev["compiled_accuracy"] >= ev["ort_accuracy"] - 0.01  # ≤ 1 point lost on the test split
+
+
+def test_compiled_digits_int8_close_to_onnxruntime_fused_int8_kernels(tmp_path):
+    """ORT's own int8 execution (QDQ fused into int8 kernels, full optimizations) vs the compiled
+    bundle on the whole test split: stated tolerance cosine ≥ 0.999 per sample, top-1 ≥ 0.99."""
+    from edgecomp.numerics import ort_session
+
+    res = edgecomp.build(example="digits", output=tmp_path / "d", int8="minmax")
+    ex = res.manifest["model"]["example"]
+    assert ex == "digits"
+    from edgecomp.examples import get_example
+
+    x, _ = get_example("digits").split("test")
+    sess = ort_session(res.graph.SerializeToString())  # bytes: fully optimized, fused int8 kernels
+    assert any(n.op_type == "QuantizeLinear" for n in res.graph.graph.node)
+    fused = np.stack([sess.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    ours = edgecomp.run_bundle(res.path, {"input": x[:, None]})["logits"]
+    cmp = compare(["logits"], [[f] for f in fused], [[o] for o in ours],
+                  Tolerance(atol=np.inf, rtol=0, min_cosine=0.999, min_top1=0.99))
+    assert cmp.ok, cmp.failures

@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--int8-keep-float", metavar="NODE,...", default="", help="nodes never quantized")
     q.add_argument("--int8-ops", default="Conv,MatMul,Gemm", help="ops to quantize (default Conv,MatMul,Gemm; add Gather for embeddings)")
-    q.add_argument("--int8-activations", choices=["int8", "uint8"], default="int8", help="activation type (default int8)")
+    q.add_argument("--int8-activations", choices=["int8", "uint8", "none"], default="int8",
+                   help="activation type (default int8); none: weight-only int8 (float activations, no calibration)")
     pr = b.add_argument_group("pruning")
     pr.add_argument(
         "--prune",

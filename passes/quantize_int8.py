@@ -38,6 +38,9 @@ __all__ = ["QuantizeConfig", "QuantizeInt8", "parse_int8"]
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
+# "none": weight-only int8 (no activation quantization, no calibration run): the same 4x smaller
+# weights; TVM computes dequantize → fp32 either way, so it costs no speed there.
+ACTIVATIONS = ("int8", "uint8", "none")
 DEFAULT_OPS = ("Conv", "MatMul", "Gemm")
 
 
@@ -50,7 +53,9 @@ class QuantizeConfig:
             ``percentile`` (``percentile`` of |x|, default 99.999).
         budget: ``None``, or ``("top1", A)`` / ``("cosine", C)``: leave the most sensitive layers
             in float until the calibration metric vs the unquantized model reaches the value.
-        activations: ``int8`` (asymmetric, ORT's CPU recommendation for QDQ) or ``uint8``.
+        activations: ``int8`` (asymmetric, ORT's CPU recommendation for QDQ), ``uint8``, or
+            ``none``: weight-only int8 (per-channel symmetric weights behind DequantizeLinear,
+            float activations; no calibration needed unless a budget is given).
         per_channel: one weight scale per output channel (symmetric int8 weights).
         op_types: ONNX ops to quantize (add ``Gather`` for embedding tables: int8 table,
             dequantized rows).
@@ -105,6 +110,64 @@ def parse_int8(text: str) -> QuantizeConfig:
     return QuantizeConfig(**kwargs)
 
 
+def _channel_axis(node: onnx.NodeProto) -> int:
+    """The weight axis that indexes output channels (rows of a Gather table)."""
+    if node.op_type in ("Conv", "Gather"):
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return 1  # MatMul: W is [K, N]
+
+
+def _weight_only(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """Per-channel symmetric int8 weights behind a DequantizeLinear for the nodes ``names``.
+
+    A weight shared by several nodes is quantized once; one that is also read by other nodes
+    (not being quantized) stays float for them.
+    """
+    if any(o.version < 13 for o in proto.opset_import if o.domain in ("", "ai.onnx")):
+        raise InputError("weight-only int8 needs opset >= 13 (per-channel DequantizeLinear)")
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    inits = {i.name: i for i in out.graph.initializer}
+    nodes = [n for n in out.graph.node if n.name in set(names)]
+    done: dict[str, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in nodes:
+        index = 0 if node.op_type == "Gather" else 1
+        wname = node.input[index]
+        if wname not in done:
+            w = onnx.numpy_helper.to_array(inits[wname]).astype(np.float32)
+            axis = _channel_axis(node)
+            other = tuple(i for i in range(w.ndim) if i != axis)
+            scale = (np.abs(w).max(axis=other) / 127.0).astype(np.float32) if w.ndim > 1 else np.array(np.abs(w).max() / 127.0, np.float32)
+            scale[scale == 0] = 1.0
+            shape = [1] * w.ndim
+            if w.ndim > 1:
+                shape[axis] = -1
+            q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+            base = f"{wname}_int8"
+            out.graph.initializer.extend([
+                onnx.numpy_helper.from_array(q, base),
+                onnx.numpy_helper.from_array(scale, f"{base}_scale"),
+                onnx.numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{base}_zero_point"),
+            ])
+            deq = f"{base}_dequantized"
+            new_nodes.append(onnx.helper.make_node(
+                "DequantizeLinear", [base, f"{base}_scale", f"{base}_zero_point"], [deq],
+                name=f"{base}_DequantizeLinear", **({"axis": axis} if w.ndim > 1 else {})))
+            done[wname] = deq
+        node.input[index] = done[wname]
+    users_left = {x for n in out.graph.node for x in n.input}
+    keep = [i for i in out.graph.initializer if i.name not in done or i.name in users_left]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    order = new_nodes + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(order)
+    return out
+
+
 def _weight_input(node: onnx.NodeProto) -> str:
     """The weight of a contraction (input 1) or the table of an embedding lookup (Gather input 0)."""
     index = 0 if node.op_type == "Gather" else 1
@@ -131,10 +194,13 @@ class QuantizeInt8(ir.passes.FunctionalPass):
 
     def __init__(self, config: QuantizeConfig, calib: Samples | None = None) -> None:
         super().__init__()
-        if not calib:
-            raise InputError("--int8 needs calibration inputs for the activation ranges (--calib NPZ)")
+        if config.activations not in ACTIVATIONS:
+            raise InputError(f"--int8-activations {config.activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+        if not calib and (config.activations != "none" or config.budget is not None):
+            need = "the activation ranges" if config.activations != "none" else "the budget's sensitivity runs"
+            raise InputError(f"--int8 needs calibration inputs for {need} (--calib NPZ)")
         self.config = config
-        self.calib = _spread(list(calib), config.max_calib)
+        self.calib = _spread(list(calib or []), config.max_calib)
 
     def call(self, model: ir.Model) -> StatsResult:
         proto = ir.serde.serialize_model(model)
@@ -174,6 +240,8 @@ class QuantizeInt8(ir.passes.FunctionalPass):
         ]
 
     def _quantize(self, proto: onnx.ModelProto, exclude: list[str], work: Path) -> onnx.ModelProto:
+        if self.config.activations == "none":
+            return _weight_only(proto, [n for n in self._candidates(proto) if n not in exclude])
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

@@ -220,3 +220,23 @@ def test_compiled_digits_int8_close_to_onnxruntime_fused_int8_kernels(tmp_path):
     cmp = compare(["logits"], [[f] for f in fused], [[o] for o in ours],
                   Tolerance(atol=np.inf, rtol=0, min_cosine=0.999, min_top1=0.99))
     assert cmp.ok, cmp.failures
+
+
+def test_weight_only_int8_needs_no_calibration_and_keeps_activations_float():
+    model, test = conv_mlp(), samples(8, 2)
+    q, res = quantize(model, QuantizeConfig(activations="none"), None)
+    ops = [n.op_type for n in q.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == 3
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    assert not any(v.dtype == np.float32 and v.ndim > 1 for v in inits.values())  # no float weight left
+    # per output channel: Conv [8,2,3,3] axis 0, Gemm transB=1 [32,288] axis 0
+    assert inits["cw_int8_scale"].shape == (8,) and inits["w1_int8_scale"].shape == (32,)
+    # each weight is within half a step of its channel's scale, and the extreme hits ±127
+    cw = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "cw"))
+    deq = inits["cw_int8"].astype(np.float32) * inits["cw_int8_scale"][:, None, None, None]
+    assert np.all(np.abs(deq - cw) <= inits["cw_int8_scale"][:, None, None, None] / 2 + 1e-7)
+    assert np.all(np.abs(inits["cw_int8"]).reshape(8, -1).max(axis=1) == 127)
+    cmp = compare(["y"], run_ort(model, test, ["y"]), run_ort(q, test, ["y"]),
+                  Tolerance(atol=np.inf, rtol=0, min_cosine=0.999, min_top1=0.0))
+    assert cmp.ok, cmp.failures
+    assert res.stats["weight_bytes_after"] * 4 == res.stats["weight_bytes_before"]

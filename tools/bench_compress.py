@@ -53,12 +53,14 @@ def recipes(name: str):
                    {"lowrank": lowrank, "prune": prune, "int8": QuantizeConfig()}),
         ]
     if name == "mobilenetv2":
-        int8 = QuantizeConfig(budget=("top1", 0.97), max_sensitivity=24)
+        weights_only = QuantizeConfig(activations="none")
+        budget = QuantizeConfig(activations="none", budget=("top1", 0.97), max_sensitivity=40)
         return [
-            Recipe("int8", ["int8"], {"int8": QuantizeConfig()}),
-            Recipe("int8-budget", ["int8"], {"int8": int8}),
-            Recipe("prune+int8-budget", ["prune", "int8"],
-                   {"prune": parse_prune("magnitude:budget:top1=0.98"), "int8": int8}),
+            Recipe("int8", ["int8"], {"int8": QuantizeConfig(method="percentile", percentile=99.99)}),
+            Recipe("int8-weights", ["int8"], {"int8": weights_only}),
+            Recipe("int8-weights-budget", ["int8"], {"int8": budget}),
+            Recipe("prune+int8-weights-budget", ["prune", "int8"],
+                   {"prune": parse_prune("magnitude:budget:cosine=0.995"), "int8": budget}),
         ]
     if name == "minilm":
         ops = ("Conv", "MatMul", "Gemm", "Gather")

@@ -130,13 +130,25 @@ def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], i
     return RelaxModel(mod, names, values)
 
 
-def compile_relax(relax_model: RelaxModel, target: Target):
-    """``tvm.compile`` for ``target`` with its default pipeline; returns the VM executable."""
+def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None):
+    """``tvm.compile`` for ``target`` with its default pipeline; returns the VM executable.
+
+    ``int8_arith=True`` first rewrites QDQ dequantize → matmul/conv2d sites into int8×int8 →
+    int32 arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms
+    folded for ``relax_model.params``, so the code is tied to those weights). ``None``/``False``
+    keep the dequantize → fp32 path.
+    """
     import tvm
     from tvm import relax
 
+    mod = relax_model.mod
+    if int8_arith:
+        from edgecomp.targets.int8 import rewrite_int8
+
+        mod, stats = rewrite_int8(mod, dict(zip(relax_model.param_names, relax_model.params)), fold_weight_terms=True)
+        log.info("int8 arithmetic: %d of %d dequantize→matmul/conv2d sites rewritten", stats.rewritten, stats.matched)
     try:
-        return tvm.compile(relax_model.mod, target=target.tvm(), relax_pipeline=relax.get_pipeline(target.default_pipeline))
+        return tvm.compile(mod, target=target.tvm(), relax_pipeline=relax.get_pipeline(target.default_pipeline))
     except Exception as err:
         msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
         raise UnsupportedModelError(f"TVM failed to compile for {target.name}: {msg}") from err

@@ -108,6 +108,8 @@ def main() -> int:
             return bench_models.evaluate(name, np.stack([o[0] for o in outputs]), arrays)
 
         entry = doc["models"].setdefault(name, {"recipes": {}})
+        if wanted is None:  # a full run of the model replaces its earlier recipes
+            entry["recipes"] = {}
         entry.update(onnx_bytes=assets.onnx.stat().st_size, metric=headline, eval_samples=len(eval_feeds),
                      calib_samples=len(calib), target=list(TARGETS[name]))
         for recipe in recipes(name):

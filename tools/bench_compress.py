@@ -35,6 +35,8 @@ TARGETS = {
 
 def recipes(name: str):
     """The recipes benchmarked per model (settings chosen from the low-rank study and sensitivity)."""
+    import dataclasses
+
     from edgecomp.bench.compress_study import Recipe
     from edgecomp.passes.lowrank import LowRankConfig
     from edgecomp.passes.prune import parse_prune
@@ -59,15 +61,26 @@ def recipes(name: str):
             Recipe("int8", ["int8"], {"int8": QuantizeConfig(method="percentile", percentile=99.99)}),
             Recipe("int8-weights", ["int8"], {"int8": weights_only}),
             Recipe("int8-weights-budget", ["int8"], {"int8": budget}),
+            # The classifier holds 37% of the weights: half of them pruned, the rest int8.
+            Recipe("prune-classifier+int8-weights", ["prune", "int8"],
+                   {"prune": parse_prune("magnitude:0,@/classifier/classifier.1/Gemm=0.5"), "int8": weights_only}),
             Recipe("prune+int8-weights-budget", ["prune", "int8"],
                    {"prune": parse_prune("magnitude:budget:cosine=0.995"), "int8": budget}),
         ]
     if name == "minilm":
         ops = ("Conv", "MatMul", "Gemm", "Gather")
         lowrank = LowRankConfig(policy=parse_policy("budget:params=1.3x"), layers=("gemm", "embedding"), max_sensitivity=16)
+        embedding = LowRankConfig(policy=parse_policy("budget:params=1.3x"), layers=("embedding",), max_sensitivity=16)
+        weights_only = QuantizeConfig(op_types=ops, activations="none")
         return [
             Recipe("int8", ["int8"], {"int8": QuantizeConfig(op_types=ops)}),
             Recipe("lowrank+int8", ["lowrank", "int8"], {"lowrank": lowrank, "int8": QuantizeConfig(op_types=ops)}),
+            Recipe("int8-weights", ["int8"], {"int8": weights_only}),
+            Recipe("lowrank-embedding+int8-weights", ["lowrank", "int8"], {"lowrank": embedding, "int8": weights_only}),
+            Recipe("lowrank-embedding+prune+int8-weights", ["lowrank", "prune", "int8"],
+                   {"lowrank": embedding, "prune": parse_prune("magnitude:0.15,layers=gemm+matmul"), "int8": weights_only}),
+            Recipe("lowrank-embedding-1.4x+int8-weights", ["lowrank", "int8"],
+                   {"lowrank": dataclasses.replace(embedding, policy=parse_policy("budget:params=1.4x")), "int8": weights_only}),
         ]
     raise SystemExit(f"no recipes for {name}")
 

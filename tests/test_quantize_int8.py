@@ -240,3 +240,21 @@ def test_weight_only_int8_needs_no_calibration_and_keeps_activations_float():
                   Tolerance(atol=np.inf, rtol=0, min_cosine=0.999, min_top1=0.0))
     assert cmp.ok, cmp.failures
     assert res.stats["weight_bytes_after"] * 4 == res.stats["weight_bytes_before"]
+
+
+def test_weight_only_embedding_table_has_one_scale():
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((50, 16)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], name="embed", axis=0)], "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7, 16])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = make_model(graph)
+    q, res = quantize(model, QuantizeConfig(activations="none", op_types=("Gather",)), None)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    assert inits["table_int8"].dtype == np.int8 and inits["table_int8_scale"].shape == ()
+    feed = [{"ids": rng.integers(0, 50, (1, 7)).astype(np.int64)}]
+    got, want = run_ort(q, feed, ["y"])[0][0], table[feed[0]["ids"]]
+    assert np.max(np.abs(got - want)) <= inits["table_int8_scale"] / 2 + 1e-7

@@ -35,8 +35,6 @@ TARGETS = {
 
 def recipes(name: str):
     """The recipes benchmarked per model (settings chosen from the low-rank study and sensitivity)."""
-    import dataclasses
-
     from edgecomp.bench.compress_study import Recipe
     from edgecomp.passes.lowrank import LowRankConfig
     from edgecomp.passes.prune import parse_prune
@@ -77,10 +75,6 @@ def recipes(name: str):
             Recipe("lowrank+int8", ["lowrank", "int8"], {"lowrank": lowrank, "int8": QuantizeConfig(op_types=ops)}),
             Recipe("int8-weights", ["int8"], {"int8": weights_only}),
             Recipe("lowrank-embedding+int8-weights", ["lowrank", "int8"], {"lowrank": embedding, "int8": weights_only}),
-            Recipe("lowrank-embedding+prune+int8-weights", ["lowrank", "prune", "int8"],
-                   {"lowrank": embedding, "prune": parse_prune("magnitude:0.15,layers=gemm+matmul"), "int8": weights_only}),
-            Recipe("lowrank-embedding-1.4x+int8-weights", ["lowrank", "int8"],
-                   {"lowrank": dataclasses.replace(embedding, policy=parse_policy("budget:params=1.4x")), "int8": weights_only}),
         ]
     raise SystemExit(f"no recipes for {name}")
 

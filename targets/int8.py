@@ -1,0 +1,371 @@
+"""Integer arithmetic for QDQ models: dequantize → matmul/conv2d → … becomes int8×int8 → int32.
+
+TVM 0.27's ONNX importer turns a QDQ model (ONNX Runtime ``quantize_static`` with
+``QuantFormat.QDQ``) into ``R.dequantize`` ops feeding fp32 ``matmul``/``conv2d``: int8 weights
+are stored as int8 but every product is fp32. This module pass (``tvm.relax.dpl``) finds
+
+- ``matmul(dequantize(x_q, sx, zx), dequantize(w_q, sw, zw))``           (ONNX MatMul)
+- ``matmul(dequantize(x_q, …), permute_dims(dequantize(w_q, …)))``       (ONNX Gemm, transB=1)
+- ``conv2d(dequantize(x_q, …), dequantize(w_q, …))``                     (ONNX Conv, NCHW/OIHW)
+
+(``w_q`` may be a weight or another quantized activation, e.g. attention's batched matmuls) and
+rewrites each into integer arithmetic with an fp32 requantization epilogue::
+
+    acc = op(x8, w8, out_dtype="int32")              # int8 × int8, int32 accumulation
+          - zx·Σ_k w8  - zw·Σ_k x8  + K·zx·zw        # zero-point terms, exact in int32
+    y   = float32(acc) · (sx · sw)                   # per output channel
+
+``y`` replaces the fp32 result, so whatever followed (bias add, activation, the next
+``quantize``) is unchanged: a site that ended in ``quantize`` is requantized from ``y``, and
+the bias (ORT stores it as int32 with scale ``sx·sw``) is added in fp32, which is exact for any
+bias scale. Matched but left on the fp32 path (counted, with a reason): activation scale or zero
+point not a constant scalar, weights quantized along the reduction axis, layouts other than
+NCHW/OIHW, symbolic shapes. Not matched at all: conv1d/conv3d, Gemm with transA.
+
+Zero points are handled exactly:
+
+- uint8 operands are shifted into int8 (``q - 128``, zero point ``z - 128``), so the product
+  is always signed int8 × int8 (what NEON ``sdot`` multiplies);
+- the activation zero point must be a constant scalar (edgecomp's ``to_relax`` inlines them);
+  conv padding is applied explicitly with the zero point's value, so that the correction term
+  is the same at the borders as inside;
+- weight zero points that are constants or (with ``params``) parameters equal to zero drop
+  their term; otherwise the ``zw·Σ_k x8`` term is computed (a row sum for matmul, a windowed
+  sum for conv2d).
+
+``Σ_k w8`` depends on the weights only. By default it is computed in the graph, so the compiled
+code stays valid for any weights passed at run time. ``fold_weight_terms=True`` with ``params``
+folds it, per site, into a small int32 constant: the code is then tied to those weight values
+(the site records it in :class:`SiteStats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["SiteStats", "Int8Stats", "rewrite_int8", "count_int_ops"]
+
+_INT8 = ("int8", "uint8")
+
+
+@dataclasses.dataclass
+class SiteStats:
+    """One matched dequantize → op site."""
+
+    op: str  # "matmul" | "matmul_t" (Gemm transB) | "conv2d"
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    x_dtype: str
+    w_dtype: str
+    rewritten: bool
+    reason: str = ""  # why not, when not rewritten
+    act_zero_point: int | None = None  # in the int8 domain (after a uint8 shift)
+    weight_zero_point: str = ""  # "zero" | "nonzero-const" | "runtime"
+    folded_weight_terms: bool = False
+
+
+@dataclasses.dataclass
+class Int8Stats:
+    sites: list[SiteStats]
+
+    @property
+    def matched(self) -> int:
+        return len(self.sites)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.rewritten for s in self.sites)
+
+    def to_json(self) -> dict:
+        return {"matched": self.matched, "rewritten": self.rewritten, "sites": [dataclasses.asdict(s) for s in self.sites]}
+
+
+def _shape(expr) -> tuple[int, ...] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except TypeError:  # symbolic dimension
+        return None
+
+
+def _dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _const_value(expr, params: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
+    """The value of a constant, or of a parameter listed in ``params``; None if unknown."""
+    import tvm
+
+    if isinstance(expr, tvm.ir.expr.GenericConst):
+        return expr.value.numpy()
+    if params is not None and isinstance(expr, tvm.ir.expr.Var) and str(expr.name) in params:
+        return np.asarray(params[str(expr.name)])
+    return None
+
+
+def _to_int8(q, zp: Any):
+    """(int8 tensor, int8-domain zero point) for an int8/uint8 tensor; uint8 shifts by -128."""
+    from tvm import relax
+
+    R = relax.op
+    if isinstance(zp, np.ndarray):
+        zp = zp.astype(np.int32)
+    if _dtype(q) == "int8":
+        return q, zp
+    shifted = R.astype(R.subtract(R.astype(q, "int16"), relax.const(128, "int16")), "int8")
+    if isinstance(zp, np.ndarray):
+        return shifted, np.asarray(zp - 128, np.int32)  # (0-d arithmetic gives a numpy scalar)
+    return shifted, R.subtract(R.astype(zp, "int32"), relax.const(128, "int32"))
+
+
+class _Rewriter:
+    def __init__(self, params: Mapping[str, np.ndarray] | None, fold_weight_terms: bool) -> None:
+        self.params = params
+        self.fold = fold_weight_terms and params is not None
+        self.sites: list[tuple[Any, SiteStats]] = []
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _record(self, orig, site: SiteStats):
+        for seen, _ in self.sites:
+            if seen.same_as(orig):
+                return
+        self.sites.append((orig, site))
+
+    def _skip(self, orig, site: SiteStats, reason: str):
+        site.rewritten, site.reason = False, reason
+        self._record(orig, site)
+        return orig
+
+    # -- shared checks -----------------------------------------------------------------------
+    def _operands(self, orig, m, pats, kind: str, w_axis: int):
+        """Validate a match; returns (site, x_q, zx(int), sx, w_q, zw(np|expr), zw_known, sw) or a skip."""
+        x_q, sx, zx_e = m[pats["xq"]], m[pats["sx"]], m[pats["zx"]]
+        w_q, sw, zw_e = m[pats["wq"]], m[pats["sw"]], m[pats["zw"]]
+        x_shape, w_shape = _shape(x_q), _shape(w_q)
+        site = SiteStats(kind, x_shape or (), w_shape or (), _dtype(x_q), _dtype(w_q), False)
+        if x_shape is None or w_shape is None:
+            return site, "symbolic shape"
+        if site.x_dtype not in _INT8 or site.w_dtype not in _INT8:
+            return site, f"operand dtypes {site.x_dtype}×{site.w_dtype} are not 8-bit"
+        if _dtype(orig) != "float32":
+            return site, f"result dtype {_dtype(orig)} is not float32"
+        sx_v, zx_v = _const_value(sx, None), _const_value(zx_e, None)
+        if sx_v is None or zx_v is None or sx_v.size != 1 or zx_v.size != 1:
+            return site, "activation scale/zero point is not a constant scalar"
+        dq_w = m[pats["dqw"]]
+        sw_shape = _shape(sw)
+        if sw_shape is None:
+            return site, "weight scale has a symbolic shape"
+        n_sw = int(np.prod(sw_shape)) if sw_shape else 1
+        if n_sw != 1 and (len(sw_shape) != 1 or int(dq_w.attrs.axis) % len(w_shape) != w_axis % len(w_shape)):
+            return site, f"weight quantized along axis {int(dq_w.attrs.axis)}, not the output-channel axis"
+        zw_v = _const_value(zw_e, self.params)
+        return site, (x_q, int(zx_v.reshape(())), sx, w_q, zw_v if zw_v is not None else zw_e, zw_v is not None, sw)
+
+    # -- matmul ------------------------------------------------------------------------------
+    def matmul(self, orig, m, pats, transposed: bool):
+        from tvm import relax
+
+        R = relax.op
+        kind = "matmul_t" if transposed else "matmul"
+        if transposed:
+            perm = m[pats["perm"]]
+            axes = [int(a) for a in perm.attrs.axes] if perm.attrs.axes is not None else None
+            w_rank = len(_shape(m[pats["wq"]]) or ())
+            if w_rank != 2 or axes not in (None, [1, 0]):
+                site = SiteStats(kind, _shape(m[pats["xq"]]) or (), _shape(m[pats["wq"]]) or (), _dtype(m[pats["xq"]]), _dtype(m[pats["wq"]]), False)
+                return self._skip(orig, site, f"permute_dims {axes} of a rank-{w_rank} weight")
+            w_axis = 0  # W is [N, K]
+        else:
+            w_axis = -1  # W is [..., K, N]
+        site, got = self._operands(orig, m, pats, kind, w_axis)
+        if isinstance(got, str):
+            return self._skip(orig, site, got)
+        x_q, zx, sx, w_q, zw, zw_known, sw = got
+        if len(site.x_shape) < 2 or len(site.w_shape) < 2:
+            return self._skip(orig, site, "matmul of a vector")
+        k = site.x_shape[-1]
+
+        x8, zx8 = _to_int8(x_q, np.array(zx))
+        zx8 = int(zx8)
+        w8, zw8 = _to_int8(w_q, zw)
+        w_kn = R.permute_dims(w8, [1, 0]) if transposed else w8
+        acc = R.matmul(x8, w_kn, out_dtype="int32")
+
+        zw_zero = zw_known and not np.any(zw8)
+        # Weight-only term: zx·Σ_k w - K·zx·zw (per output column), exact in int32.
+        if zx8 != 0:
+            if self.fold and len(site.w_shape) == 2 and self._weights_known(w_q):
+                wv = _const_value(w_q, self.params).astype(np.int32) - (128 if site.w_dtype == "uint8" else 0)
+                term = zx8 * wv.sum(axis=1 if transposed else 0)  # [N]
+                if zw_known:
+                    term = term - k * zx8 * np.asarray(zw8, np.int32).reshape(-1)
+                acc = R.subtract(acc, relax.const(term.astype(np.int32), "int32"))
+                site.folded_weight_terms = True
+            else:
+                colsum = R.sum(R.astype(w_kn, "int32"), axis=[-2], keepdims=True)
+                acc = R.subtract(acc, R.multiply(relax.const(zx8, "int32"), colsum))
+            if not zw_zero and not (site.folded_weight_terms and zw_known):  # K·zx·zw, unless folded
+                acc = R.add(acc, R.multiply(relax.const(k * zx8, "int32"), self._zw_expr(zw8)))
+        if not zw_zero:
+            rowsum = R.sum(R.astype(x8, "int32"), axis=[-1], keepdims=True)
+            acc = R.subtract(acc, R.multiply(self._zw_expr(zw8), rowsum))
+
+        site.act_zero_point = zx8
+        site.weight_zero_point = "zero" if zw_zero else ("nonzero-const" if zw_known else "runtime")
+        site.rewritten = True
+        self._record(orig, site)
+        return R.multiply(R.astype(acc, "float32"), R.multiply(sx, sw))
+
+    # -- conv2d ------------------------------------------------------------------------------
+    def conv2d(self, orig, m, pats):
+        from tvm import relax
+
+        R = relax.op
+        site, got = self._operands(orig, m, pats, "conv2d", 0)
+        if isinstance(got, str):
+            return self._skip(orig, site, got)
+        attrs = orig.attrs
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
+            return self._skip(orig, site, f"layout {attrs.data_layout}/{attrs.kernel_layout}")
+        x_q, zx, sx, w_q, zw, zw_known, sw = got
+        out_ch, groups = site.w_shape[0], int(attrs.groups)
+        strides = [int(s) for s in attrs.strides]
+        dilation = [int(d) for d in attrs.dilation]
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+
+        zw_n = int(np.prod(_shape(m[pats["zw"]]) or ()))
+        x8, zx8 = _to_int8(x_q, np.array(zx))
+        zx8 = int(zx8)
+        w8, zw8 = _to_int8(w_q, zw)
+        if top or left or bottom or right:
+            # Pad with the zero point: padded positions then contribute x - zx = 0, as in fp32.
+            x8 = R.nn.pad(x8, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx8))
+
+        def conv(data, weight, g):
+            return R.nn.conv2d(data, weight, strides=strides, padding=0, dilation=dilation, groups=g, out_dtype="int32")
+
+        acc = conv(x8, w8, groups)
+        k = int(np.prod(site.w_shape[1:]))
+        zw_zero = zw_known and not np.any(zw8)
+        if zx8 != 0:
+            if self.fold and self._weights_known(w_q):
+                wv = _const_value(w_q, self.params).astype(np.int32)
+                wv = wv - 128 if site.w_dtype == "uint8" else wv
+                term = zx8 * wv.reshape(out_ch, -1).sum(axis=1)
+                if zw_known:
+                    term = term - k * zx8 * np.broadcast_to(np.asarray(zw8, np.int32).reshape(-1), (out_ch,))
+                acc = R.subtract(acc, relax.const(term.reshape(1, out_ch, 1, 1).astype(np.int32), "int32"))
+                site.folded_weight_terms = True
+            else:
+                colsum = R.sum(R.astype(w8, "int32"), axis=[1, 2, 3], keepdims=True)  # [O,1,1,1]
+                acc = R.subtract(acc, R.multiply(relax.const(zx8, "int32"), R.reshape(colsum, [1, out_ch, 1, 1])))
+            if not zw_zero and not (site.folded_weight_terms and zw_known):  # K·zx·zw, unless folded
+                acc = R.add(acc, R.multiply(relax.const(k * zx8, "int32"), self._zw_nchw(zw8, zw_n)))
+        if not zw_zero:
+            # Σ_k x over each output's window (per group), broadcast to the group's channels.
+            cin_g, kh, kw = site.w_shape[1:]
+            ones = relax.const(np.ones((groups, cin_g, kh, kw), np.int32), "int32")
+            win = conv(R.astype(x8, "int32"), ones, groups)  # [B, groups, OH, OW]
+            if groups > 1 and out_ch != groups:
+                win = R.repeat(win, out_ch // groups, axis=1)
+            acc = R.subtract(acc, R.multiply(self._zw_nchw(zw8, zw_n), win))
+
+        site.act_zero_point = zx8
+        site.weight_zero_point = "zero" if zw_zero else ("nonzero-const" if zw_known else "runtime")
+        site.rewritten = True
+        self._record(orig, site)
+        scale = R.multiply(sx, sw)
+        if (_shape(sw) or ()) not in ((), (1,)):
+            scale = R.reshape(scale, [1, out_ch, 1, 1])
+        return R.multiply(R.astype(acc, "float32"), scale)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _weights_known(self, w_q) -> bool:
+        return _const_value(w_q, self.params) is not None
+
+    @staticmethod
+    def _zw_expr(zw8):
+        from tvm import relax
+
+        if isinstance(zw8, np.ndarray):
+            return relax.const(zw8.astype(np.int32), "int32")
+        return relax.op.astype(zw8, "int32")
+
+    def _zw_nchw(self, zw8, n: int):
+        """The weight zero point broadcastable against NCHW (``n``: its number of elements)."""
+        from tvm import relax
+
+        expr = self._zw_expr(zw8)
+        return relax.op.reshape(expr, [1, n, 1, 1]) if n > 1 else expr
+
+
+def _patterns():
+    from tvm.relax.dpl import is_op, wildcard
+
+    pats = {k: wildcard() for k in ("xq", "sx", "zx", "wq", "sw", "zw")}
+    pats["dqx"] = is_op("relax.dequantize")(pats["xq"], pats["sx"], pats["zx"])
+    pats["dqw"] = is_op("relax.dequantize")(pats["wq"], pats["sw"], pats["zw"])
+    pats["perm"] = is_op("relax.permute_dims")(pats["dqw"])
+    return pats
+
+
+def rewrite_int8(mod, params: Mapping[str, np.ndarray] | None = None, *, fold_weight_terms: bool = False):
+    """Rewrite every dequantize → matmul/conv2d site of every Relax function into int8 arithmetic.
+
+    Args:
+        mod: a Relax ``IRModule`` (e.g. ``to_relax(...).mod``).
+        params: parameter values by name (``dict(zip(model.param_names, model.params))``); used
+            to see that weight zero points are zero, and by ``fold_weight_terms``.
+        fold_weight_terms: fold ``Σ_k w`` zero-point terms into constants (needs ``params``;
+            ties the code to these weights).
+
+    Returns:
+        ``(new_mod, Int8Stats)``; functions without a site are returned unchanged.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call
+
+    rw = _Rewriter(params, fold_weight_terms)
+    pats = _patterns()
+    mm = is_op("relax.matmul")(pats["dqx"], pats["dqw"])
+    mm_t = is_op("relax.matmul")(pats["dqx"], pats["perm"])
+    conv = is_op("relax.nn.conv2d")(pats["dqx"], pats["dqw"])
+
+    out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        new = rewrite_call(mm_t, lambda o, m: rw.matmul(o, m, pats, transposed=True), func)
+        new = rewrite_call(mm, lambda o, m: rw.matmul(o, m, pats, transposed=False), new)
+        new = rewrite_call(conv, lambda o, m: rw.conv2d(o, m, pats), new)
+        if not new.same_as(func):
+            out[gv] = relax.analysis.remove_all_unused(new)
+    return out, Int8Stats([s for _, s in rw.sites])
+
+
+def count_int_ops(mod) -> dict[str, int]:
+    """How many matmul/conv2d calls of the module produce int32, float32 or another dtype.
+
+    The int32 count includes the rewrite's helper convolutions (windowed sums for non-zero
+    weight zero points), so it is at least the number of rewritten sites.
+    """
+    from tvm import relax
+
+    counts = {"int32": 0, "float32": 0, "other": 0}
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") in ("relax.matmul", "relax.nn.conv2d"):
+            dtype = _dtype(expr)
+            counts[dtype if dtype in counts else "other"] += 1
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return counts

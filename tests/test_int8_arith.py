@@ -1,0 +1,346 @@
+"""int8 arithmetic for QDQ models (edgecomp.targets.int8): exact integer maths, ORT agreement, arm64.
+
+Tiny graphs written with onnx.helper, quantized by ONNX Runtime's ``quantize_static`` (QDQ,
+per-channel int8 weights) on a fixed calibration set, in three zero-point settings:
+
+- ``s8-sym``: int8 activations with asymmetric (non-zero) zero points, symmetric int8 weights
+  (ORT's defaults);
+- ``u8-asym``: uint8 activations, asymmetric per-tensor int8 weights (non-zero weight zero
+  point): the uint8 shift and every zero-point correction term;
+- ``u8-u8w``: uint8 activations and uint8 per-channel weights (zero point 128, a parameter): the
+  weight shift, and the weight-independent code that computes every term at run time.
+
+Tolerances:
+- integer path vs TVM's own dequantize → fp32 path, with the models' final QuantizeLinear →
+  DequantizeLinear removed (so nothing is rounded away): ``max|Δ| ≤ 1e-5·max|ref|``; a wrong
+  zero-point or padding term is off by whole quantization steps, ~1e-2 of the range;
+- rewritten module vs ORT's int8 model (its own QLinear kernels): at most 1 quantization step
+  of the output scale on every element (intermediate requantizations may round a .5 tie the
+  other way), and at least 95% of the elements bit-identical.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgecomp.targets.arm_cpu import ARM64
+from edgecomp.targets.host import HOST
+from edgecomp.targets.int8 import count_int_ops, rewrite_int8
+from edgecomp.targets.lowering import compile_relax, to_relax
+
+tvm = pytest.importorskip("tvm")
+ort = pytest.importorskip("onnxruntime")
+quant = pytest.importorskip("onnxruntime.quantization")
+
+SEED = 0
+MLP_SHAPE = (4, 16)
+CNN_SHAPE = (2, 3, 8, 8)
+
+
+def _model(nodes, x_shape, y_shape, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def mlp_model() -> onnx.ModelProto:
+    """MatMul + Add + Relu, then Gemm(transB=1) with bias: both importer forms of a dense layer."""
+    rng = np.random.default_rng(SEED)
+    init = lambda name, *shape, s=0.3: numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)  # noqa: E731
+    n = helper.make_node
+    nodes = [
+        n("MatMul", ["x", "W1"], ["h"]),
+        n("Add", ["h", "b1"], ["hb"]),
+        n("Relu", ["hb"], ["r"]),
+        n("Gemm", ["r", "W2", "b2"], ["y"], transB=1),
+    ]
+    return _model(nodes, MLP_SHAPE, (MLP_SHAPE[0], 10), [init("W1", 16, 32), init("b1", 32, s=0.1), init("W2", 10, 32), init("b2", 10, s=0.1)])
+
+
+def cnn_model() -> onnx.ModelProto:
+    """Conv(pad 1) → depthwise Conv(stride 2) → dilated Conv → Flatten → Gemm: padding, groups, dilation."""
+    rng = np.random.default_rng(SEED + 1)
+    init = lambda name, *shape, s=0.3: numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)  # noqa: E731
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "C1", "c1"], ["a1"], pads=[1, 1, 1, 1]),
+        n("Relu", ["a1"], ["r1"]),
+        n("Conv", ["r1", "C2", "c2"], ["a2"], pads=[1, 1, 1, 1], strides=[2, 2], group=8),
+        n("Relu", ["a2"], ["r2"]),
+        n("Conv", ["r2", "C3", "c3"], ["a3"], pads=[2, 2, 2, 2], dilations=[2, 2]),
+        n("Relu", ["a3"], ["r3"]),
+        n("Flatten", ["r3"], ["f"], axis=1),
+        n("Gemm", ["f", "W", "b"], ["y"], transB=1),
+    ]
+    inits = [
+        init("C1", 8, 3, 3, 3), init("c1", 8, s=0.1),
+        init("C2", 8, 1, 3, 3), init("c2", 8, s=0.1),
+        init("C3", 16, 8, 3, 3, s=0.15), init("c3", 16, s=0.1),
+        init("W", 10, 16 * 4 * 4, s=0.1), init("b", 10, s=0.1),
+    ]
+    return _model(nodes, CNN_SHAPE, (CNN_SHAPE[0], 10), inits)
+
+
+MODELS = {"mlp": (mlp_model, MLP_SHAPE, 2), "cnn": (cnn_model, CNN_SHAPE, 4)}  # builder, input shape, sites
+# ORT per-channel weights are always symmetric (int8: zero point 0, uint8: 128); a non-zero
+# int8 weight zero point needs per-tensor weights.
+VARIANTS = {
+    "s8-sym": dict(activation_type="QInt8", weight_type="QInt8", per_channel=True, extra_options={"ActivationSymmetric": False}),
+    "u8-asym": dict(activation_type="QUInt8", weight_type="QInt8", per_channel=False, extra_options={"WeightSymmetric": False}),
+    "u8-u8w": dict(activation_type="QUInt8", weight_type="QUInt8", per_channel=True, extra_options={}),
+}
+# What the pass can tell about the weight zero points: (without params, with params).
+WEIGHT_ZP = {"s8-sym": ("runtime", "zero"), "u8-asym": ("nonzero-const", "nonzero-const"), "u8-u8w": ("runtime", "zero")}
+
+
+def _inputs(shape, n, seed) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+
+
+def _quantize(model: onnx.ModelProto, shape, variant: str, workdir) -> onnx.ModelProto:
+    q = quant
+    src, dst = workdir / "fp32.onnx", workdir / f"{variant}.onnx"
+    onnx.save(model, src)
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter({"x": x} for x in _inputs(shape, 16, SEED + 100))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    opts = VARIANTS[variant]
+    q.quantize_static(
+        str(src), str(dst), Reader(),
+        quant_format=q.QuantFormat.QDQ, per_channel=opts["per_channel"],
+        weight_type=getattr(q.QuantType, opts["weight_type"]), activation_type=getattr(q.QuantType, opts["activation_type"]),
+        extra_options=opts["extra_options"],
+    )
+    return onnx.load(dst)
+
+
+def _strip_output_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its final QuantizeLinear → DequantizeLinear: ``y`` is the fp32 result."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    dq = next(n for n in nodes if n.output[0] == "y")
+    ql = next(n for n in nodes if n.output[0] == dq.input[0])
+    assert (dq.op_type, ql.op_type) == ("DequantizeLinear", "QuantizeLinear")
+    producer = next(n for n in nodes if ql.input[0] in n.output)
+    producer.output[list(producer.output).index(ql.input[0])] = "y"
+    del out.graph.node[:]
+    out.graph.node.extend(n for n in nodes if n is not dq and n is not ql)
+    return out
+
+
+def _output_scale(model: onnx.ModelProto) -> float:
+    dq = next(n for n in model.graph.node if n.output[0] == "y")
+    init = {i.name: i for i in model.graph.initializer}
+    return float(numpy_helper.to_array(init[dq.input[1]]))
+
+
+def _run_tvm(executable, relax_model, xs) -> list[np.ndarray]:
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    params = [tvm.runtime.tensor(p) for p in relax_model.params]
+    return [vm["main"](tvm.runtime.tensor(x), *params).numpy() for x in xs]
+
+
+def _compile(mod, target=HOST):
+    return tvm.compile(mod, target=target.tvm(), relax_pipeline=tvm.relax.get_pipeline("default"))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """(model name, variant) → ORT QDQ model, built once per module."""
+    cache: dict = {}
+
+    def get(name: str, variant: str) -> onnx.ModelProto:
+        if (name, variant) not in cache:
+            build, shape, _ = MODELS[name]
+            cache[name, variant] = _quantize(build(), shape, variant, tmp_path_factory.mktemp(f"{name}-{variant}"))
+        return cache[name, variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_integer_path_is_exact(quantized, name, variant):
+    """All three modes (weight-independent, zero points read from params, folded) equal the fp32 path."""
+    _, shape, n_sites = MODELS[name]
+    model = _strip_output_qdq(quantized(name, variant))
+    rm = to_relax(model, {"x": shape}, {"x": "float32"})
+    params = dict(zip(rm.param_names, rm.params))
+    xs = _inputs(shape, 3, SEED + 7)
+    ref = _run_tvm(_compile(rm.mod), rm, xs)
+    # Weight-independent code (every zero-point term at run time), zero points read from params,
+    # and weight terms folded (what compile_relax(int8_arith=True) compiles).
+    # The CNN (slow to compile) runs the modes that add code paths the MLP does not cover.
+    modes = ({}, {"params": params}, {"params": params, "fold_weight_terms": True})
+    for kwargs in modes if name == "mlp" else {"s8-sym": modes[2:], "u8-asym": modes[::2], "u8-u8w": modes[:1]}[variant]:
+        mod, stats = rewrite_int8(rm.mod, **kwargs)
+        assert (stats.matched, stats.rewritten) == (n_sites, n_sites), stats.to_json()
+        counts = count_int_ops(mod)
+        assert counts["int32"] >= n_sites and counts["float32"] == 0, counts
+        for site in stats.sites:
+            assert site.x_dtype == ("int8" if variant == "s8-sym" else "uint8")
+            assert site.weight_zero_point == WEIGHT_ZP[variant][bool(kwargs)], site
+            assert site.folded_weight_terms == bool(kwargs.get("fold_weight_terms") and site.act_zero_point)
+        assert any(s.act_zero_point for s in stats.sites), "no site exercises the activation zero point"
+        got = _run_tvm(_compile(mod), rm, xs)
+        for g, r in zip(got, ref):
+            assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), (kwargs.keys(), np.abs(g - r).max(), np.abs(r).max())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_matches_onnxruntime_int8(quantized, name, variant):
+    """compile_relax(int8_arith=True) vs ORT running the same QDQ model with its int8 kernels."""
+    _, shape, _ = MODELS[name]
+    qmodel = quantized(name, variant)
+    step = _output_scale(qmodel)
+    rm = to_relax(qmodel, {"x": shape}, {"x": "float32"})
+    xs = _inputs(shape, 8, SEED + 11)
+    sess = ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.stack([sess.run(None, {"x": x})[0] for x in xs])
+    got = np.stack(_run_tvm(compile_relax(rm, HOST, int8_arith=True), rm, xs))
+    steps = np.abs(got - ref) / step
+    assert steps.max() <= 1.0 + 1e-3, steps.max()
+    assert (steps < 1e-3).mean() >= 0.95, (steps < 1e-3).mean()
+
+
+def _asm(executable) -> str:
+    mods = [executable.mod, *executable.mod.imports]
+    return "".join(m.inspect_source("asm") for m in mods if m.kind == "llvm")
+
+
+def test_arm64_compiles_and_dotprod_gives_sdot(quantized):
+    """aarch64: the int8 module compiles; with +dotprod LLVM emits NEON sdot, without it does not.
+
+    Finding (TVM 0.27, untuned code): ``sdot`` comes from LLVM's vectorizer on the Gemm
+    (transB) site, whose weight is [N, K] so both operands are contiguous along K; the MatMul
+    site ([K, N] weight, strided along K) is vectorized with smull/smlal instead.
+    """
+    rm = to_relax(quantized("mlp", "s8-sym"), {"x": MLP_SHAPE}, {"x": "float32"})
+    mod, stats = rewrite_int8(rm.mod, dict(zip(rm.param_names, rm.params)), fold_weight_terms=True)
+    assert stats.rewritten == 2
+    dotprod = dict(ARM64.target_dict(), mattr=["+neon", "+dotprod"])
+    with_dot = _asm(tvm.compile(mod, target=tvm.target.Target(dotprod), relax_pipeline=tvm.relax.get_pipeline("default")))
+    without = _asm(compile_relax(rm, ARM64, int8_arith=True))
+    fp32 = _asm(compile_relax(rm, ARM64))
+    sdot = re.compile(r"^\s*sdot\s", re.M)
+    assert len(sdot.findall(with_dot)) > 0
+    assert not sdot.findall(without) and not sdot.findall(fp32)
+    # Without dotprod the int8 code still multiplies integers (widening multiply-accumulate).
+    assert re.search(r"^\s*s(mlal|mull)2?\s", without, re.M)
+    assert not re.search(r"^\s*s(mlal|mull)2?\s", fp32, re.M)
+
+
+def test_skips_sites_it_cannot_rewrite_exactly():
+    """A weight quantized along the reduction axis cannot be factored out: left as fp32, with a reason."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4), "int8"))
+    w = relax.Var("w", relax.TensorType((4, 3), "int8"))
+    sw = relax.Var("sw", relax.TensorType((4,), "float32"))
+    with bb.function("main", [x, w, sw]):
+        with bb.dataflow():
+            dx = bb.emit(relax.op.dequantize(x, relax.const(0.1, "float32"), relax.const(0, "int8"), axis=1))
+            dw = bb.emit(relax.op.dequantize(w, sw, relax.const(0, "int8"), axis=0))  # per-K scale
+            y = bb.emit_output(relax.op.matmul(dx, dw))
+        bb.emit_func_output(y)
+    mod, stats = rewrite_int8(bb.get())
+    assert (stats.matched, stats.rewritten) == (1, 0)
+    assert "axis" in stats.sites[0].reason
+    assert count_int_ops(mod) == {"int32": 0, "float32": 1, "other": 0}
+
+
+_DEVICE_SCRIPT = """
+import sys, numpy as np, tvm
+from tvm.runtime import vm
+d = np.load(sys.argv[2])
+machine = vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+args = [tvm.runtime.tensor(d["x"])] + [tvm.runtime.tensor(d["p%d" % i]) for i in range(int(d["n_params"]))]
+np.save(sys.argv[3], machine["main"](*args).numpy())
+"""
+
+
+def test_arm64_sdot_code_runs_emulated(quantized, tmp_path):
+    """The +dotprod library runs on an emulated core with dotprod (qemu ``max``) and gives the host's
+    outputs; on a Cortex-A53 (no dotprod) it dies of an illegal instruction: the sdot code is used."""
+    import os
+    import shutil
+    import subprocess
+
+    from edgecomp.errors import EdgecompError
+    from edgecomp.targets.devices import emu_info
+    from edgecomp.targets.lowering import export_library
+
+    try:
+        info = emu_info()
+    except EdgecompError as err:
+        pytest.skip(f"emulated arm64 device not set up: {err}")
+    if shutil.which(ARM64.cross_compiler) is None:
+        pytest.skip(f"{ARM64.cross_compiler} is not installed")
+    qmodel = quantized("mlp", "s8-sym")
+    rm = to_relax(qmodel, {"x": MLP_SHAPE}, {"x": "float32"})
+    mod, _ = rewrite_int8(rm.mod, dict(zip(rm.param_names, rm.params)), fold_weight_terms=True)
+    dotprod = tvm.target.Target(dict(ARM64.target_dict(), mattr=["+neon", "+dotprod"]))
+    so = tmp_path / "mlp-int8.so"
+    export_library(tvm.compile(mod, target=dotprod, relax_pipeline=tvm.relax.get_pipeline("default")), so, ARM64)
+    x = _inputs(MLP_SHAPE, 1, SEED + 13)[0]
+    host = _run_tvm(_compile(mod), rm, [x])[0]
+    (tmp_path / "run.py").write_text(_DEVICE_SCRIPT)
+    np.savez(tmp_path / "in.npz", x=x, n_params=len(rm.params), **{f"p{i}": p for i, p in enumerate(rm.params)})
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONPATH=info["site"], PYTHONNOUSERSITE="1")
+
+    def emulate(cpu: str):
+        cmd = [info["qemu"], "-cpu", cpu, "-L", info["sysroot"], os.path.join(info["sysroot"], info["python"]),
+               str(tmp_path / "run.py"), str(so), str(tmp_path / "in.npz"), str(tmp_path / f"{cpu}.npy")]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    done = emulate("max")
+    assert done.returncode == 0, done.stderr[-500:]
+    got = np.load(tmp_path / "max.npy")
+    assert np.abs(got - host).max() <= _output_scale(qmodel) * (1 + 1e-3)
+    assert (got == host).mean() >= 0.95
+    no_dotprod = emulate("cortex-a53")
+    assert no_dotprod.returncode != 0 and "Illegal instruction" in no_dotprod.stderr, (no_dotprod.returncode, no_dotprod.stderr[-300:])
+
+
+def test_activation_times_activation_batched_matmul():
+    """Both operands computed at run time (attention-like, rank 3), non-zero zero points on both sides."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((2, 3, 8), "int8"))
+    b = relax.Var("b", relax.TensorType((2, 8, 5), "uint8"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            da = bb.emit(relax.op.dequantize(a, relax.const(0.05, "float32"), relax.const(-3, "int8"), axis=-1))
+            db = bb.emit(relax.op.dequantize(b, relax.const(0.02, "float32"), relax.const(130, "uint8"), axis=-1))
+            y = bb.emit_output(relax.op.matmul(da, db))
+        bb.emit_func_output(y)
+    mod, stats = rewrite_int8(bb.get())
+    assert (stats.matched, stats.rewritten) == (1, 1) and stats.sites[0].weight_zero_point == "nonzero-const"
+    rng = np.random.default_rng(SEED)
+    args = [rng.integers(-128, 128, (2, 3, 8)).astype(np.int8), rng.integers(0, 256, (2, 8, 5)).astype(np.uint8)]
+    run = lambda m: relax.VirtualMachine(_compile(m), tvm.cpu())["main"](*map(tvm.runtime.tensor, args)).numpy()  # noqa: E731
+    ref = ((args[0].astype(np.float64) + 3) * 0.05) @ ((args[1].astype(np.float64) - 130) * 0.02)
+    np.testing.assert_allclose(run(mod), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(run(bb.get()), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -170,6 +170,7 @@ def build(
     int8: str | QuantizeConfig | None = None,
     prune: str | PruneConfig | None = None,
     entropy: str | None = None,
+    int8_arith: bool = False,
     accuracy: Tolerance | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -201,6 +202,9 @@ def build(
             / ``budget:top1=A`` / ``budget:params=2x`` (per-layer sparsity from measured
             sensitivity on ``calib``); options ``skip=NODE``, ``min=N``, ``layers=gemm+conv``,
             ``norm=l2``, ``@NODE=F`` (``edgecomp.passes.prune.parse_prune``).
+        int8_arith: compile int8 (QDQ) contractions as int8×int8 → int32 arithmetic
+            (``edgecomp.targets.int8``) instead of dequantize → fp32. Their weight sums are
+            folded into the code, so the bundle's code is tied to its weights (recorded).
         entropy: code the bundle's weights file losslessly: ``"zstd"`` or ``"ans"`` (rANS,
             needs ``constriction``); also given as the last name of ``passes``.
         accuracy: how far lossy passes may take the outputs from the original model
@@ -236,6 +240,8 @@ def build(
         calib=calib_samples,
     )
     passes, entropy = _split_entropy(passes, entropy)
+    if int8_arith and ctx.int8 is None and "int8" not in (passes or []):
+        raise InputError("--int8-arith compiles int8 layers: it needs --int8 (or 'int8' in --passes)")
     if entropy is not None and entropy not in ENTROPY_CODECS:
         raise InputError(f"unknown entropy coder {entropy!r} (known: {', '.join(ENTROPY_CODECS)})")
     pass_list = make_passes(passes, ctx)
@@ -251,7 +257,7 @@ def build(
         with progress.stage("importing into TVM Relax"):
             relax_model = to_relax(final, {s.name: s.shape for s in in_specs}, {s.name: s.dtype for s in in_specs})
         with progress.stage(f"compiling for {tgt.name} ({tgt.target_dict()})"):
-            executable = compile_relax(relax_model, tgt)
+            executable = compile_relax(relax_model, tgt, int8_arith=int8_arith)
         with progress.stage(f"linking {bundle_fmt.CODE}" + (f" with {tgt.cross_compiler}" if tgt.cross_compiler else "")):
             export_library(executable, stage / bundle_fmt.CODE, tgt)
             arch = elf_arch(stage / bundle_fmt.CODE)
@@ -302,6 +308,8 @@ def build(
                 "weights": weights_file,
                 "calling_convention": "main(*inputs, *params) with params in manifest order",
                 "executor": "relax.VirtualMachine",
+                # int8 arithmetic folds weight sums into the code: weights cannot be swapped alone
+                "int8_arith": bool(int8_arith),
             },
             "reference": {"inputs": bundle_fmt.REF_INPUTS, "outputs": bundle_fmt.REF_OUTPUTS, "source": sample_source, "samples": len(samples)},
             "calibration": {"source": calib_source, "samples": len(calib_samples or [])},
@@ -383,7 +391,8 @@ def _verify(
         run_fn = bundle_fmt.Bundle(stage, manifest).run
         ran = f"the bundle's {bundle_fmt.CODE} on this machine ({platform.machine()})"
     else:
-        run_fn = _vm_runner(compile_relax(relax_model, get_target("host")), relax_model.params, in_specs)
+        host_code = compile_relax(relax_model, get_target("host"), int8_arith=manifest["runtime"]["int8_arith"])
+        run_fn = _vm_runner(host_code, relax_model.params, in_specs)
         ran = (
             f"the same Relax module compiled for this host ({platform.machine()}); the "
             f"{tgt.arch} code itself was not executed here"

@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         help="post-training int8 (QDQ, per-channel weights): minmax | entropy | percentile[=P], "
         "optionally :budget:top1=A or :budget:cosine=C to leave the most sensitive layers in float",
     )
+    q.add_argument("--int8-arith", action="store_true",
+                   help="compile int8 layers as int8×int8→int32 arithmetic instead of dequantize→fp32 "
+                   "(bench/results/int8-*.md: pays at batch 1 on x86; ties the code to the weights)")
     q.add_argument("--int8-keep-float", metavar="NODE,...", default="", help="nodes never quantized")
     q.add_argument("--int8-ops", default="Conv,MatMul,Gemm", help="ops to quantize (default Conv,MatMul,Gemm; add Gather for embeddings)")
     q.add_argument("--int8-activations", choices=["int8", "uint8", "none"], default="int8",
@@ -193,6 +196,7 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
         int8=_int8_config(args),
         prune=args.prune,
         entropy=args.entropy,
+        int8_arith=args.int8_arith,
         calib=args.calib,
         accuracy=Tolerance(atol=math.inf, rtol=0.0, min_cosine=args.accuracy_cosine, min_top1=args.accuracy_top1),
         force=args.force,

@@ -258,3 +258,19 @@ def test_weight_only_embedding_table_has_one_scale():
     feed = [{"ids": rng.integers(0, 50, (1, 7)).astype(np.int64)}]
     got, want = run_ort(q, feed, ["y"])[0][0], table[feed[0]["ids"]]
     assert np.max(np.abs(got - want)) <= inits["table_int8_scale"] / 2 + 1e-7
+
+
+def test_build_with_int8_arithmetic_matches_the_dequantize_path(tmp_path):
+    plain = edgecomp.build(example="digits", output=tmp_path / "plain", int8="minmax")
+    arith = edgecomp.build(example="digits", output=tmp_path / "arith", int8="minmax", int8_arith=True)
+    assert arith.manifest["runtime"]["int8_arith"] is True and plain.manifest["runtime"]["int8_arith"] is False
+    assert arith.verification["numerics"]["ok"]
+    a, p = edgecomp.run_bundle(arith.path)["logits"], edgecomp.run_bundle(plain.path)["logits"]
+    # integer accumulation is exact; only the fp32 rescale order differs
+    assert np.max(np.abs(a - p)) <= 1e-4 * np.max(np.abs(p))
+    assert arith.verification["evaluation"]["compiled_accuracy"] == plain.verification["evaluation"]["compiled_accuracy"]
+
+
+def test_int8_arith_without_int8_is_refused(tmp_path):
+    with pytest.raises(InputError, match="needs --int8"):
+        edgecomp.build(example="digits", output=tmp_path / "x", int8_arith=True)

@@ -447,8 +447,11 @@ def test_emu_wrong_isa_fails(emu, tmp_path):
 
 
 def _cli_proc(*argv: str) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a shell that starts a job in the background (as a
+    # CI runner may) leaves SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     return subprocess.Popen([sys.executable, "-m", "edgecomp", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_emu_cli_json_and_junit(emu_ready, digits_arm64_bundle, tmp_path):

@@ -1,5 +1,6 @@
 """Does int8 arithmetic pay? fp32 vs QDQ (dequantize → fp32) vs the int8 rewrite, host CPU and arm64.
 
+    pip install -e ".[tune]"                         # MetaSchedule's own dependencies (xgboost, ...)
     python tools/bench_int8.py                       # MLPs b1/b32 + digits CNN; MetaSchedule 16 trials/kernel on the MLPs
     python tools/bench_int8.py --trials 0            # untuned and dlight only (a few minutes)
     python tools/bench_int8.py --report-only bench/results/int8-<date>.json

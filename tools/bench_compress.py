@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import platform
@@ -94,13 +93,11 @@ def main() -> int:
 
     from edgecomp.bench import models as bench_models
     from edgecomp.bench.compress_study import bundle_row, run_recipe
+    from edgecomp.bench.report import day_document, write_atomic
     from edgecomp.importer import load_onnx
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"compress-{datetime.date.today().isoformat()}"
-    doc_path = out / f"{stem}.json"
-    doc: dict = json.loads(doc_path.read_text()) if doc_path.exists() else {"models": {}}
+    doc_path, stem, doc = day_document(out, "compress")
     doc["machine"] = f"{_cpu()} ({os.cpu_count()} cores), Python {platform.python_version()}"
     wanted = None if not args.recipes else {r.strip() for r in args.recipes.split(",")}
     for name in [] if args.report_only else [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -139,9 +136,9 @@ def main() -> int:
                 print(f"  bundle: {b['weights_file']} {b['weights_bytes']:,} B + model.so {b['code_bytes']:,} B, "
                       f"verified {b['verified']} ({b['build_s']} s)", file=sys.stderr, flush=True)
             entry["recipes"][recipe.name] = row
-            _write(doc_path, json.dumps(doc, indent=1) + "\n")  # after every recipe: nothing lost
+            write_atomic(doc_path, json.dumps(doc, indent=1) + "\n")  # after every recipe: nothing lost
     md = markdown(doc)
-    _write(out / f"{stem}.md", md)
+    write_atomic(out / f"{stem}.md", md)
     _figure(doc, out / f"{stem}.png")
     print(md)
     return 0
@@ -201,12 +198,6 @@ def _figure(doc: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _cpu() -> str:

@@ -12,9 +12,7 @@ PNG figure per model). Thin wrapper over edgecomp.bench.lowrank_study.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,15 +35,12 @@ def main() -> int:
 
     from edgecomp.bench import models as bench_models
     from edgecomp.bench.lowrank_study import StudyPoint, matched_table, run_study, study_figure
+    from edgecomp.bench.report import day_document, write_atomic
     from edgecomp.figures import pyplot
     from edgecomp.importer import load_onnx
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"lowrank-study-{datetime.date.today().isoformat()}"
-    # Models studied in earlier runs of the same day are kept: one document for all of them.
-    doc_path = out / f"{stem}.json"
-    doc: dict = json.loads(doc_path.read_text()) if doc_path.exists() else {"models": {}}
+    doc_path, stem, doc = day_document(out, "lowrank-study")
     for name in [] if args.report_only else [m.strip() for m in args.models.split(",") if m.strip()]:
         assets = bench_models.fetch(name)
         model = load_onnx(assets.onnx)
@@ -87,9 +82,7 @@ def main() -> int:
             md.append(f"| {'data-aware' if row['data_aware'] else 'plain'} | {row['params_ratio']:.3f} | {' | '.join(cells)} | {row['best']} |")
         md += ["", f"![{name}]({stem}-{name}.png)", ""]
     for suffix, text in ((".json", json.dumps(doc, indent=1) + "\n"), (".md", "\n".join(md) + "\n")):
-        tmp = out / f"{stem}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / f"{stem}{suffix}")
+        write_atomic(out / f"{stem}{suffix}", text)
     print("\n".join(md))
     return 0
 

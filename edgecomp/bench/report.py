@@ -3,7 +3,11 @@ spectra and ranks the low-rank pass chose, one section per model (figures inline
 
 from __future__ import annotations
 
+import datetime
 import html
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from edgecomp.figures import pyplot, html_page, png_data_uri, spectra_figure
@@ -54,3 +58,20 @@ def bench_html(doc: dict[str, Any]) -> str:
                 if fig is not None:
                     sections.append((f"{name}: {r['config']} spectra and ranks", f"<img src='{png_data_uri(fig)}'>"))
     return html_page("edgecomp benchmark", sections)
+
+
+def day_document(out: Path, prefix: str) -> tuple[Path, str, dict[str, Any]]:
+    """``(json path, stem, document)`` of today's results file ``<prefix>-<date>``: models studied
+    in earlier runs of the same day are kept, so one document holds all of them."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{prefix}-{datetime.date.today().isoformat()}"
+    path = out / f"{stem}.json"
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    return path, stem, doc
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a crash never leaves half a result file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

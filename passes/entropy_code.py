@@ -89,21 +89,22 @@ def _zstd():
     return zstandard
 
 
-def _sample(syms: list[bytes], budget: int = _SAMPLE_BYTES) -> list[bytes]:
-    """Whole tensors spread over the group, about ``budget`` bytes in all (at least one)."""
-    if sum(len(x) for x in syms) <= budget:
-        return syms
-    order = np.linspace(0, len(syms) - 1, len(syms)).round().astype(int)
-    rng = np.random.default_rng(0)
-    picked, total = [], 0
-    for i in rng.permutation(order):
-        if total and total + len(syms[i]) > budget:
-            continue
-        picked.append(int(i))
-        total += len(syms[i])
-    if total == 0 or not picked:
-        return [syms[0][:budget]]
-    return [syms[i][:budget] for i in sorted(picked)]
+def _sample(raws: list[bytes], itemsize: int, budget: int = _SAMPLE_BYTES) -> list[bytes]:
+    """Whole tensors of the group picked at random (seeded), about ``budget`` bytes in all; when
+    the first pick alone is larger, it is cut at an element boundary. ``raws`` itself if small."""
+    if sum(map(len, raws)) <= budget:
+        return raws
+    picked: list[bytes] = []
+    total = 0
+    for i in np.random.default_rng(0).permutation(len(raws)):
+        raw = raws[i]
+        if total + len(raw) > budget:
+            if total:
+                continue
+            raw = raw[: budget - budget % itemsize]
+        picked.append(raw)
+        total += len(raw)
+    return picked
 
 
 def _per_tensor(z, syms: list[bytes], level: int) -> tuple[list[bytes], bytes] | None:
@@ -123,24 +124,23 @@ def _zstd_group(raws: list[bytes], itemsize: int) -> dict[str, Any]:
     """The smallest zstd coding of one dtype group. Shuffle, level and layout are chosen on a
     sample of the group's tensors (about 2 MiB), then the whole group is coded once."""
     z = _zstd()
+    sample = _sample(raws, itemsize)
     trials: dict[tuple[bool, int], int] = {}
     for shuffle in ((False, True) if itemsize > 1 else (False,)):
-        sample = b"".join(_sample([_symbols(r, itemsize, shuffle) for r in raws]))
+        data = b"".join(_symbols(r, itemsize, shuffle) for r in sample)
         for lv in LEVELS:
-            trials[(shuffle, lv)] = len(z.ZstdCompressor(level=lv).compress(sample))
+            trials[(shuffle, lv)] = len(z.ZstdCompressor(level=lv).compress(data))
     smallest = min(trials.values())
     shuffle, level = min((k for k, n in trials.items() if n <= smallest * 1.005), key=lambda k: (k[1], k[0]))
-    syms = [_symbols(r, itemsize, shuffle) for r in raws]
-    part = _sample(syms)
-    grouped_sample = len(z.ZstdCompressor(level=level).compress(b"".join(part)))
-    dict_sample = _per_tensor(z, part, level) if len(part) == len(syms) or len(part) >= 8 else None
-    use_dict = dict_sample is not None and sum(map(len, dict_sample[0])) + len(dict_sample[1]) < grouped_sample
-    if use_dict:
-        coded = _per_tensor(z, syms, level) if part is not syms else dict_sample
-    else:
-        coded = None
-    if coded is not None:
-        frames, dict_bytes, layout = coded[0], coded[1], "per-tensor"
+    part = [_symbols(r, itemsize, shuffle) for r in sample]
+    grouped = len(z.ZstdCompressor(level=level).compress(b"".join(part)))
+    per_tensor = _per_tensor(z, part, level)
+    use_dict = per_tensor is not None and sum(map(len, per_tensor[0])) + len(per_tensor[1]) < grouped
+    syms = part if sample is raws else [_symbols(r, itemsize, shuffle) for r in raws]
+    if use_dict and sample is not raws:
+        per_tensor = _per_tensor(z, syms, level)
+    if use_dict and per_tensor is not None:
+        frames, dict_bytes, layout = per_tensor[0], per_tensor[1], "per-tensor"
     else:
         frames, dict_bytes, layout = [z.ZstdCompressor(level=level).compress(b"".join(syms))], b"", "grouped"
     tried = {f"{'shuffled' if sh else 'plain'}@{lv}": n for (sh, lv), n in trials.items()}

@@ -138,7 +138,8 @@ def _weight_only(proto: onnx.ModelProto, names: list[str], per_channel: bool = T
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     inits = {i.name: i for i in out.graph.initializer}
-    nodes = [n for n in out.graph.node if n.name in set(names)]
+    wanted = set(names)
+    nodes = [n for n in out.graph.node if n.name in wanted]
     done: dict[str, str] = {}
     new_nodes: list[onnx.NodeProto] = []
     for node in nodes:

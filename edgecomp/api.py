@@ -274,9 +274,9 @@ def build(
             with progress.stage(f"entropy coding the weights ({entropy})"):
                 blob, coding = encode_weights(weights, entropy)
                 (stage / weights_file).write_bytes(blob)
-                # The file is only as good as its decoder: prove the round trip before shipping it.
-                if any(not np.array_equal(a, weights[k]) for k, a in decode_weights(blob).items()):
-                    raise UnsupportedModelError(f"entropy coder {entropy!r} did not round-trip the weights")
+                # The file is only as good as its decoder: decoding checks every tensor's bytes
+                # against its digest, so a coder that does not round-trip fails here, not on a device.
+                decode_weights(blob, where=f"{weights_file} ({entropy})")
         bundle_fmt.save_npz(stage / bundle_fmt.REF_INPUTS, stack_samples([s.name for s in in_specs], [[f[s.name] for s in in_specs] for f in samples]))
         bundle_fmt.save_npz(stage / bundle_fmt.REF_OUTPUTS, stack_samples(out_names, reference))
 

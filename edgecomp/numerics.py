@@ -84,6 +84,15 @@ class Comparison:
     def ok(self) -> bool:
         return not self.failures
 
+    def budget_metric(self, kind: str) -> float:
+        """One number for a budget: ``top1``: the lowest top-1 agreement over classifier-like
+        outputs (the cosine rule when there is none); otherwise the lowest per-output mean cosine."""
+        if kind == "top1":
+            tops = [o.top1 for o in self.outputs if o.top1 is not None]
+            if tops:
+                return float(min(tops))
+        return float(min(o.mean_cosine for o in self.outputs))
+
     def summary(self) -> str:
         parts = []
         for m in self.outputs:

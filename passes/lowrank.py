@@ -159,12 +159,7 @@ def calibration_probe(model: ir.Model, calib: Samples, kind: str) -> Callable[[C
     def probe(edit: Callable[[ir.Model], Any]) -> float:
         trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
         edit(trial)
-        cmp = compare(names, reference, activations.model_outputs(trial, calib), Tolerance())
-        if kind == "top1":
-            tops = [o.top1 for o in cmp.outputs if o.top1 is not None]
-            if tops:
-                return float(min(tops))
-        return float(min(o.mean_cosine for o in cmp.outputs))
+        return compare(names, reference, activations.model_outputs(trial, calib), Tolerance()).budget_metric(kind)
 
     return probe
 

@@ -300,12 +300,7 @@ class QuantizeInt8(ir.passes.FunctionalPass):
     # -- budget ---------------------------------------------------------------------------------
     def _metric(self, reference, model: onnx.ModelProto, names: list[str], samples: Samples, kind: str) -> float:
         """``kind`` ``top1``: lowest top-1 agreement of classifier-like outputs; else lowest mean cosine."""
-        cmp = compare(names, reference, run_ort(model, samples, names), Tolerance())
-        if kind == "top1":
-            tops = [o.top1 for o in cmp.outputs if o.top1 is not None]
-            if tops:
-                return float(min(tops))
-        return float(min(o.mean_cosine for o in cmp.outputs))
+        return compare(names, reference, run_ort(model, samples, names), Tolerance()).budget_metric(kind)
 
     def _meet_budget(self, proto, layers, excluded, quantized, work):
         kind, target = self.config.budget

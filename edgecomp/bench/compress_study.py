@@ -105,7 +105,7 @@ def run_recipe(
 
 
 def _line(s: Stage) -> str:
-    return (f"{s.stage:<16} params {s.params:>11,}  npz {s.npz_bytes:>11,} B  {s.stage and 'coded'} "
+    return (f"{s.stage:<16} params {s.params:>11,}  npz {s.npz_bytes:>11,} B  coded "
             f"{s.coded_bytes:>11,} B (bound {s.bound_bytes:,})  metric {s.metric:.4f}  ({s.seconds:.1f} s)")
 
 

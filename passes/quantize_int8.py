@@ -211,14 +211,19 @@ class QuantizeInt8(ir.passes.FunctionalPass):
         if not calib and (config.activations != "none" or config.budget is not None):
             need = "the activation ranges" if config.activations != "none" else "the budget's sensitivity runs"
             raise InputError(f"--int8 needs calibration inputs for {need} (--calib NPZ)")
+        unknown = [op for op in config.op_types if not onnx.defs.has(op)]
+        if unknown:
+            raise InputError(f"--int8-ops: {unknown[0]!r} is not an ONNX op")
         self.config = config
         self.calib = _spread(list(calib or []), config.max_calib)
 
     def call(self, model: ir.Model) -> StatsResult:
         proto = ir.serde.serialize_model(model)
         layers = self._candidates(proto)
-        if not layers:
-            return StatsResult(model, False, stats={"method": self.config.method, "layers_quantized": 0}, layers=[])
+        if not layers:  # a functional pass hands back a new model even when nothing changes
+            log.warning("int8: no %s node with a constant weight; nothing quantized", "/".join(self.config.op_types))
+            return StatsResult(ir.serde.deserialize_model(proto), False,
+                               stats={"method": str(self.config), "layers_found": 0, "layers_quantized": 0})
         with tempfile.TemporaryDirectory(prefix="edgecomp-int8-") as tmp:
             work = Path(tmp)
             excluded = [n for n in layers if n in self.config.keep_float]

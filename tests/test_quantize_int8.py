@@ -274,3 +274,12 @@ def test_build_with_int8_arithmetic_matches_the_dequantize_path(tmp_path):
 def test_int8_arith_without_int8_is_refused(tmp_path):
     with pytest.raises(InputError, match="needs --int8"):
         edgecomp.build(example="digits", output=tmp_path / "x", int8_arith=True)
+
+
+def test_nothing_to_quantize_and_unknown_ops(tmp_path):
+    model = conv_mlp()
+    q, res = quantize(model, QuantizeConfig(op_types=("MatMul",)), samples(8, 1))  # the model has none
+    assert res.stats["layers_quantized"] == 0 and not res.modified
+    assert [n.op_type for n in q.graph.node] == [n.op_type for n in model.graph.node]
+    with pytest.raises(InputError, match="'Foo' is not an ONNX op"):
+        QuantizeInt8(QuantizeConfig(op_types=("Foo",)), samples(8, 1))

@@ -557,6 +557,7 @@ class EmuArm64Device(RPCDevice):
         self.start_seconds: float | None = None
         self._log: Path | None = None
         self._tmp: Path | None = None
+        self._stop_lock = threading.Lock()  # the watchdog's stop() and the caller's may race: the second waits
         self._t0 = 0.0
 
     @property
@@ -699,6 +700,10 @@ class EmuArm64Device(RPCDevice):
 
     def stop(self) -> None:
         """Kill the server's process group (server and session) by its id, then reap it."""
+        with self._stop_lock:
+            self._stop()
+
+    def _stop(self) -> None:
         proc, self.proc = self.proc, None
         self.started = False
         _LIVE.discard(self)
@@ -723,6 +728,7 @@ class EmuArm64Device(RPCDevice):
             except ProcessLookupError:
                 pass
             break
+        _wait_group_gone(proc.pid, 5.0)
         if proc.stdout is not None:
             proc.stdout.close()
         if self._tmp is not None:
@@ -733,6 +739,26 @@ class EmuArm64Device(RPCDevice):
     def __del__(self) -> None:
         if getattr(self, "proc", None) is not None:
             self.stop()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc (empty where /proc is missing)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Block until a killed process group has really exited (qemu takes a moment to die after SIGKILL)."""
+    t_end = time.monotonic() + timeout
+    while _group_members(pgid) and time.monotonic() < t_end:
+        time.sleep(0.02)
 
 
 _RPC = re.compile(r"^rpc://(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)/?$")

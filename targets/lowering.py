@@ -130,13 +130,16 @@ def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], i
     return RelaxModel(mod, names, values)
 
 
-def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None):
+def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None, system_lib_prefix: str | None = None):
     """``tvm.compile`` for ``target`` with its default pipeline; returns the VM executable.
 
     ``int8_arith=True`` first rewrites QDQ dequantize → matmul/conv2d sites into int8×int8 →
     int32 arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms
     folded for ``relax_model.params``, so the code is tied to those weights). ``None``/``False``
     keep the dequantize → fp32 path.
+
+    ``system_lib_prefix``: build a *system library* (``relax.build(..., system_lib=True)``) whose
+    objects register the model under this prefix in a statically linked program (firmware).
     """
     import tvm
     from tvm import relax
@@ -148,6 +151,12 @@ def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | No
         mod, stats = rewrite_int8(mod, dict(zip(relax_model.param_names, relax_model.params)), fold_weight_terms=True)
         log.info("int8 arithmetic: %d of %d dequantize→matmul/conv2d sites rewritten", stats.rewritten, stats.matched)
     try:
+        if system_lib_prefix is not None:
+            # The prefix is a module attribute (0.27 has no target option for it). Measured here: a
+            # 7-character prefix ("digits_", a tvm-ffi SmallStr) made relax.build fail converting
+            # the attribute; edgecomp's prefixes are "edgecomp_<name>_", always longer.
+            mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
+            return relax.build(mod, target=target.tvm(), relax_pipeline=relax.get_pipeline(target.default_pipeline), system_lib=True)
         return tvm.compile(mod, target=target.tvm(), relax_pipeline=relax.get_pipeline(target.default_pipeline))
     except Exception as err:
         msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]

@@ -12,7 +12,9 @@ import datetime
 import logging
 import os
 import platform
+import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -171,6 +173,8 @@ def build(
     prune: str | PruneConfig | None = None,
     entropy: str | None = None,
     int8_arith: bool = False,
+    emit: str | Sequence[str] | None = None,
+    firmware_name: str | None = None,
     accuracy: Tolerance | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -207,6 +211,12 @@ def build(
             folded into the code, so the bundle's code is tied to its weights (recorded).
         entropy: code the bundle's weights file losslessly: ``"zstd"`` or ``"ans"`` (rANS,
             needs ``constriction``); also given as the last name of ``passes``.
+        emit: extra outputs: ``"firmware"`` adds ``firmware/`` (static library of the model,
+            C header, CMake package, Makefile fragment, weights blob, TVM runtime libraries;
+            ``edgecomp.targets.firmware``), built and verified with the C example where the
+            target's code can run here (natively or under qemu-user).
+        firmware_name: the C name of the model in the firmware API (default: from the model
+            file name, ``digits_cnn`` → ``digits_cnn_create(...)``).
         accuracy: how far lossy passes may take the outputs from the original model
             (default: cosine ≥ 0.98 per sample).
         force: replace an existing output.
@@ -223,6 +233,13 @@ def build(
         raise InputError("--samples must be at least 1")
     out = Path(output) if output is not None else Path(f"{model_path.stem}-{tgt.name}")
     bundle_fmt.check_output_path(out, force, protect=[model_path])
+    emits = _emits(emit)
+    fw_name = _firmware_name(firmware_name, model_path) if "firmware" in emits else None
+    if fw_name is not None:
+        from edgecomp.targets.firmware import runtime_site, toolchain
+
+        toolchain(tgt)  # missing compilers or runtime libraries: say so before any work
+        runtime_site(tgt.arch)
 
     with progress.stage(f"importing {model_path.name}"):
         original = load_onnx(model_path)
@@ -329,6 +346,11 @@ def build(
         if not check.ok:
             raise NumericsError(f"compiled code does not match ONNX Runtime: {'; '.join(check.failures)}")
         manifest["verification"] = verification
+        if fw_name is not None:
+            manifest["firmware"] = _emit_firmware(
+                relax_model, tgt, stage, fw_name, model_path.stem, in_specs, manifest["outputs"], int8_arith,
+                entropy is not None, samples, final_reference, out_names, code_tolerance, progress,
+            )
 
         pre = dict(manifest)
         pre["files"] = {
@@ -359,6 +381,73 @@ def _code_tolerance(final, tolerance: Tolerance) -> tuple[Tolerance, str]:
         "quantized (QDQ) graph: fp32 summation order decides int8 rounding ties, which propagate; "
         "held to cosine >= 0.95 against ORT running the same graph",
     )
+
+
+EMITS = ("firmware",)
+
+
+def _emits(emit: str | Sequence[str] | None) -> set[str]:
+    items = [e.strip() for e in (emit.split(",") if isinstance(emit, str) else (emit or [])) if e.strip()]
+    bad = [e for e in items if e not in EMITS]
+    if bad:
+        raise InputError(f"unknown --emit {bad[0]!r} (known: {', '.join(EMITS)})")
+    return set(items)
+
+
+def _firmware_name(name: str | None, model_path: Path) -> str:
+    from edgecomp.targets.firmware import c_name
+
+    if name is None:
+        return c_name(model_path.stem)
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise InputError(f"--firmware-name {name!r} must be a lower-case C identifier (letters, digits, _)")
+    return name
+
+
+def _emit_firmware(relax_model, tgt: Target, stage: Path, name: str, model_name: str, in_specs: list[TensorSpec],
+                   outputs: list[dict[str, Any]], int8_arith: bool, compress: bool, samples: Samples,
+                   final_reference, out_names: list[str], tolerance: Tolerance, progress: Progress) -> dict[str, Any]:
+    """Write ``firmware/`` and run the C example against it where the target's code runs here."""
+    from edgecomp.targets import firmware as fw
+
+    ins = [(s.name, tuple(s.shape), s.dtype) for s in in_specs]
+    outs = [(o["name"], tuple(o["shape"]), o["dtype"]) for o in outputs]
+    dest = stage / fw.FIRMWARE_DIR
+    with progress.stage(f"firmware: static library, C header, CMake package ({name})"):
+        result = fw.emit_firmware(
+            relax_model, tgt, dest, name=name, model_name=model_name, inputs=ins, outputs=outs,
+            int8_arith=int8_arith, compress=compress, versions=tool_versions(tgt),
+        )
+    info: dict[str, Any] = result.to_json()
+    prefix, why = fw.runner_command(tgt.arch)
+    if prefix is not None and compress and not fw.find_library(tgt, "zstd"):
+        prefix, why = None, (f"the weights are zstd-coded and {fw.toolchain(tgt).cc} finds no libzstd to link the example "
+                             f"with (Debian: apt-get install libzstd-dev{':arm64' if tgt.arch == 'aarch64' else ''})")
+    if prefix is None:
+        info["verification"] = {"ran": None, "skipped": why}
+        progress.note(f"firmware not run here: {why}")
+        return info
+    # Natively every reference sample runs with both weight sources. Under emulation untuned code
+    # is slow (MobileNetV2: ~3 s a sample under qemu here), so the weights file runs on two samples
+    # and the linked weights, the same code with the same blob, on one.
+    emulated = bool(prefix)
+    counts = {"file": min(len(samples), 2) if emulated else len(samples), "linked": 1 if emulated else len(samples)}
+    checks = {}
+    with progress.stage("firmware: building and running the C example (weights from the file, and linked in)"):
+        with tempfile.TemporaryDirectory(prefix="edgecomp-fwcheck-") as work:
+            for how, n in counts.items():
+                run = fw.firmware_runner(dest, name, tgt, ins, outs, Path(work), linked=how == "linked")
+                checks[how] = compare(out_names, final_reference[:n], run(samples[:n]), tolerance)
+    bad = [f"{how} weights: {'; '.join(c.failures)}" for how, c in checks.items() if not c.ok]
+    if bad:
+        raise NumericsError(f"firmware C example does not match ONNX Runtime: {' | '.join(bad)}")
+    how = "natively" if not prefix else f"under {Path(prefix[0]).name}"
+    info["verification"] = {
+        "ran": f"edgecomp/examples/firmware/main.c built against firmware/ and run {how} ({tgt.arch})",
+        **{how_w: c.to_json() for how_w, c in checks.items()},
+    }
+    progress.note(f"firmware C example vs ONNX Runtime: {checks['file'].summary()}")
+    return info
 
 
 def _split_entropy(passes, entropy: str | None) -> tuple[Any, str | None]:

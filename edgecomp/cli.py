@@ -106,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
         help="entropy-code the bundle's weights file: zstd (level, byte shuffle and dictionary chosen by "
         "measurement) or ans (rANS, per-tensor histograms; needs constriction); also 'zstd' last in --passes",
     )
+    fw = b.add_argument_group("firmware")
+    fw.add_argument("--emit", metavar="WHAT", default=None,
+                    help="extra outputs: firmware (static library of the model, C header, CMake package, Makefile "
+                    "fragment, weights blob and the TVM runtime libraries in <bundle>/firmware; built and run with "
+                    "the C example when the target's code runs here, natively or under qemu-user)")
+    fw.add_argument("--firmware-name", metavar="NAME",
+                    help="C name of the model in the firmware API (default: from the model file, e.g. digits_cnn)")
     b.add_argument("--calib", metavar="NPZ", help="calibration inputs for data-aware passes (default: example's calib split)")
     b.add_argument("--accuracy-cosine", type=float, default=0.98, help="lossy passes: min cosine vs the original (default 0.98)")
     b.add_argument("--accuracy-top1", type=float, default=0.0, help="lossy passes: min top-1 agreement vs the original (default 0)")
@@ -197,6 +204,8 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
         prune=args.prune,
         entropy=args.entropy,
         int8_arith=args.int8_arith,
+        emit=args.emit,
+        firmware_name=args.firmware_name,
         calib=args.calib,
         accuracy=Tolerance(atol=math.inf, rtol=0.0, min_cosine=args.accuracy_cosine, min_top1=args.accuracy_top1),
         force=args.force,
@@ -208,8 +217,13 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
     m = result.manifest
     v = m["verification"]
     print(f"bundle: {result.path}  ({m['target']['name']}, {m['target']['arch']} code)")
+    fw_files = {rel: info for rel, info in m["files"].items() if rel.startswith("firmware/")}
     for rel, info in m["files"].items():
-        print(f"  {rel:<24} {info['bytes']:>10,} B")
+        if rel not in fw_files:
+            print(f"  {rel:<24} {info['bytes']:>10,} B")
+    if fw_files:
+        print(f"  {'firmware/':<24} {sum(i['bytes'] for i in fw_files.values()):>10,} B in {len(fw_files)} files "
+              f"(firmware/include/{m['firmware']['name']}.h, CMake package, runtime)")
     print(f"verified: {v['ran']}")
     for o in v["numerics"]["outputs"]:
         top1 = f", top-1 agreement {o['top1']:.3f}" if o.get("top1") is not None else ""
@@ -234,6 +248,15 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
             f"  {e['dataset']}: accuracy {e['compiled_accuracy']:.4f} compiled vs {e['ort_accuracy']:.4f} "
             f"ONNX Runtime ({e['samples']} samples)"
         )
+    fwv = (m.get("firmware") or {}).get("verification")
+    if fwv:
+        if fwv.get("ran"):
+            worst = max(o["max_abs"] for how in ("file", "linked") for o in fwv[how]["outputs"])
+            n_file, n_linked = fwv["file"]["samples"], fwv["linked"]["samples"]
+            print(f"firmware: {fwv['ran']}: weights from the file ({n_file} samples) and linked in ({n_linked}), "
+                  f"max abs error {worst:.2e} vs ONNX Runtime")
+        else:
+            print(f"firmware: not run here: {fwv['skipped']}")
     return 0
 
 

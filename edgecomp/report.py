@@ -78,6 +78,29 @@ def _entropy_section(ec: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _firmware_section(fw: dict[str, Any] | None) -> list[str]:
+    if not fw:
+        return []
+    files = fw["files"]
+    lines = [
+        "", f"## Firmware (`firmware/`, C name `{fw['name']}`)", "",
+        f"- C API: `{files['header']}`; static library `{files['library']}` (model + glue), linked-in weights "
+        f"`{files['weights_library']}`; weights file `{files['weights']}` ({fw['weights_coding']}, {fw['weights_bytes']:,} B)",
+        f"- CMake: `find_package({fw['name']})` from `{files['cmake']}`; Make: `include {files['make']}`; "
+        f"runtime libraries in `{files['runtime']}` ({', '.join(f'{k} {v}' for k, v in fw['runtime'].items())})",
+    ]
+    v = fw.get("verification") or {}
+    if v.get("ran"):
+        lines.append(f"- verified: {v['ran']}")
+        for how in ("file", "linked"):
+            if v.get(how):
+                status = "PASS" if v[how]["ok"] else "FAIL"
+                lines.append(f"  - weights {how}: {status} on {v[how]['samples']} reference sample(s), {_numerics(v[how])}")
+    else:
+        lines.append(f"- not run here: {v.get('skipped', 'unknown')}")
+    return lines
+
+
 def render_report(m: dict[str, Any]) -> str:
     t = m["target"]
     lines = [
@@ -131,6 +154,7 @@ def render_report(m: dict[str, Any]) -> str:
             f"- {e['dataset']}: accuracy {e['compiled_accuracy']:.4f} (compiled) vs {e['ort_accuracy']:.4f} "
             f"(ONNX Runtime, original model) on {e['samples']} labelled samples"
         )
+    lines += _firmware_section(m.get("firmware"))
     lines += ["", "## Files", "", "| file | bytes |", "|---|---|"]
     for rel, info in m["files"].items():
         lines.append(f"| `{rel}` | {info['bytes']:,} ({_fmt_bytes(info['bytes'])}) |")

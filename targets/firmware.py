@@ -23,7 +23,6 @@ the same inputs give byte-identical files (tests/test_firmware.py rebuilds and c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -41,7 +40,10 @@ import numpy as np
 from edgecomp.errors import InputError, UnsupportedModelError
 from edgecomp.targets.base import Target, host_arch
 
-__all__ = ["FirmwareResult", "emit_firmware", "c_name", "weights_blob", "runtime_site", "toolchain", "FIRMWARE_DIR"]
+__all__ = [
+    "FirmwareResult", "emit_firmware", "c_name", "weights_blob", "runtime_site", "toolchain", "FIRMWARE_DIR",
+    "runner_command", "build_example", "run_example", "firmware_runner", "find_library",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,6 @@ class FirmwareResult:
     weights_coding: str  # "raw" | "zstd"
     weights_bytes: int
     runtime: dict[str, str]  # package → version of the runtime libraries shipped
-    sha256: dict[str, str]
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,6 +147,13 @@ def toolchain(target: Target) -> Toolchain:
     return tools
 
 
+def find_library(target: Target, lib: str) -> bool:
+    """Whether the target's linker finds ``lib`` (e.g. ``zstd`` for zstd-coded weights)."""
+    cc = toolchain(target).cc
+    out = subprocess.run([cc, f"-print-file-name=lib{lib}.so"], capture_output=True, text=True).stdout.strip()
+    return os.path.isabs(out) and os.path.exists(out)
+
+
 def runtime_site(arch: str) -> Path:
     """The site-packages folder holding TVM runtime libraries for ``arch``.
 
@@ -208,7 +216,8 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        err = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else f"exit code {proc.returncode}")
+        first = [ln for ln in lines if re.search(r"error|cannot find|undefined reference", ln, re.I) and "collect2" not in ln]
+        err = first[0] if first else (lines[-1] if lines else f"exit code {proc.returncode}")
         raise UnsupportedModelError(f"firmware: {what} failed ({cmd[0]}): {err.strip()[:300]}")
 
 
@@ -369,11 +378,91 @@ def emit_firmware(
         "make": f"{name}.mk",
         "runtime": "runtime/lib",
     }
-    digests = {
-        str(p.relative_to(dest)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(dest.rglob("*")) if p.is_file()
-    }
     return FirmwareResult(
         name=name, files=files, weights_coding="zstd" if compress else "raw", weights_bytes=len(blob),
-        runtime=_runtime_versions(site), sha256=digests,
+        runtime=_runtime_versions(site),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# verification: the C example program, built against the firmware folder and run on samples
+
+CROSS_ROOTS = {"aarch64": Path("/usr/aarch64-linux-gnu")}  # Debian's cross libc/libstdc++ (qemu -L)
+
+
+def _example_dir() -> Path:
+    from edgecomp import examples
+
+    return Path(examples.__file__).resolve().parent / "firmware"
+
+
+def runner_command(arch: str) -> tuple[list[str] | None, str | None]:
+    """How to execute a program built for ``arch`` here: (prefix, None) or (None, why not)."""
+    if arch == host_arch():
+        return [], None
+    qemu = shutil.which(f"qemu-{arch}")
+    root = CROSS_ROOTS.get(arch)
+    if qemu is None:
+        return None, f"qemu-{arch} is not installed (Debian: apt-get install qemu-user)"
+    if root is None or not (root / "lib").is_dir():
+        return None, f"no {arch} C library to run it with ({root})"
+    return [qemu, "-L", str(root)], None
+
+
+def build_example(dest: Path, name: str, target: Target, out_dir: Path, linked: bool) -> Path:
+    """Compile the C example (edgecomp/examples/firmware/main.c) against the firmware folder with
+    the flags of its Makefile fragment; returns the program."""
+    tools = toolchain(target)
+    exe = out_dir / ("run_model_linked" if linked else "run_model")
+    libs = [str(dest / "lib" / f"lib{name}_weights.a")] if linked else []
+    libs += [str(dest / "lib" / f"lib{name}.a"), f"-L{dest / 'runtime' / 'lib'}", f"-Wl,-rpath,{dest / 'runtime' / 'lib'}",
+             "-ltvm_runtime", "-ltvm_ffi"]
+    if (dest / "weights" / f"{name}.weights").read_bytes()[:4] == b"\x28\xb5\x2f\xfd":
+        libs.append("-lzstd")
+    libs += ["-lstdc++", "-lm", "-lpthread", "-ldl"]
+    defines = [f"-DEDGECOMP_MODEL={name}", f'-DEDGECOMP_MODEL_HEADER="{name}.h"'] + (["-DEDGECOMP_LINKED=1"] if linked else [])
+    _run([tools.cc, "-O2", "-std=c99", "-D_POSIX_C_SOURCE=200809L", *defines, f"-I{dest / 'include'}",
+          str(_example_dir() / "main.c"), "-o", str(exe), *libs], "building the C example against the firmware")
+    return exe
+
+
+def run_example(exe: Path, arch: str, inputs: bytes, weights: Path | None, timeout: float = 300) -> bytes:
+    """Run the example program on raw input samples; returns the raw outputs."""
+    prefix, why = runner_command(arch)
+    if prefix is None:
+        raise UnsupportedModelError(f"firmware: cannot run {arch} code here: {why}")
+    with tempfile.TemporaryDirectory(prefix="edgecomp-fwrun-") as d:
+        src, out = Path(d) / "inputs.bin", Path(d) / "outputs.bin"
+        src.write_bytes(inputs)
+        cmd = [*prefix, str(exe), str(src), str(out)] + ([str(weights)] if weights is not None else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            msg = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            raise UnsupportedModelError(f"firmware: the C example failed on {arch}: {msg[:300]}")
+        return out.read_bytes()
+
+
+def firmware_runner(dest: Path, name: str, target: Target, inputs: Sequence[tuple[str, tuple[int, ...], str]],
+                    outputs: Sequence[tuple[str, tuple[int, ...], str]], work: Path, linked: bool):
+    """A ``run(samples) -> [[outputs]]`` over the C example built against ``dest`` (see ``_verify``)."""
+    exe = build_example(dest, name, target, work, linked)
+    weights = None if linked else dest / "weights" / f"{name}.weights"
+
+    def run(samples) -> list[list[np.ndarray]]:
+        raw = b"".join(np.ascontiguousarray(np.asarray(feed[n], dtype=dt).reshape(shape)).tobytes()
+                       for feed in samples for n, shape, dt in inputs)
+        data = run_example(exe, target.arch, raw, weights)
+        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize for _, shape, dt in outputs]
+        per = sum(sizes)
+        if len(data) != per * len(samples):
+            raise UnsupportedModelError(f"firmware: the C example wrote {len(data)} bytes, expected {per * len(samples)}")
+        results, off = [], 0
+        for _ in samples:
+            row = []
+            for (_, shape, dt), n in zip(outputs, sizes):
+                row.append(np.frombuffer(data[off:off + n], dtype=dt).reshape(shape).copy())
+                off += n
+            results.append(row)
+        return results
+
+    return run

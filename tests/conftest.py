@@ -10,6 +10,28 @@ from onnx import TensorProto, helper, numpy_helper
 import edgecomp
 
 
+@pytest.fixture
+def cli(capsys):
+    """``cli(*argv, quiet=True) -> (exit code, stdout, stderr)``, running ``edgecomp`` in-process.
+
+    In-process because importing TVM in a fresh process is slow; argparse usage errors exit
+    through SystemExit and are returned as their code.
+    """
+    from edgecomp.cli import main
+
+    def run(*argv, quiet: bool = True) -> tuple[int, str, str]:
+        args = [str(a) for a in argv] + (["-q"] if quiet else [])
+        capsys.readouterr()  # drop anything printed before
+        try:
+            rc = main(args)
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def digits_host_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "digits-host"

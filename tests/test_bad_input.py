@@ -21,24 +21,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import assert_bad_input, digits_example, make_model, matmul_model, relu_model, save, sha256, staging_leftovers, tree_digest
 
-from edgecomp.cli import main
-
-
-@pytest.fixture
-def cli(capsys):
-    """``cli(*argv, quiet=True) -> (exit code, stdout, stderr)``, running ``edgecomp`` in-process."""
-
-    def run(*argv: str, quiet: bool = True) -> tuple[int, str, str]:
-        args = [str(a) for a in argv] + (["-q"] if quiet else [])
-        capsys.readouterr()  # drop anything printed before
-        try:
-            rc = main(args)
-        except SystemExit as exc:  # argparse usage errors exit through SystemExit
-            rc = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 @pytest.fixture

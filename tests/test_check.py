@@ -27,7 +27,6 @@ from helpers import assert_bad_input
 
 import edgecomp
 from edgecomp import bundle as bundle_fmt
-from edgecomp.cli import main
 from edgecomp.errors import BundleError, DeviceError, InputError
 from edgecomp.targets.devices import (
     EmuArm64Device,
@@ -40,22 +39,6 @@ from edgecomp.targets.devices import (
 )
 
 REQUIRE_EMU = os.environ.get("EDGECOMP_REQUIRE_EMU") == "1"
-
-
-@pytest.fixture
-def cli(capsys):
-    """``cli(*argv) -> (exit code, stdout, stderr)``, running ``edgecomp`` in-process (quiet)."""
-
-    def run(*argv, quiet: bool = True):
-        capsys.readouterr()
-        try:
-            rc = main([str(a) for a in argv] + (["-q"] if quiet else []))
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 def _free_port() -> int:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install edgecomp and everything it needs on a fresh Debian 12 machine (run as root, or with sudo).
-#   apt: the aarch64 cross toolchain that links arm64 bundles
+#   apt: the aarch64 cross toolchain that links arm64 bundles, and what firmware outputs
+#        (--emit firmware) are built and checked with: g++ for both machines, cmake, make, libzstd
 #   pip: edgecomp (editable) with its test dependencies; TVM and friends come from PyPI
 # Idempotent: rerunning only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+APT_PACKAGES=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross g++ g++-aarch64-linux-gnu cmake make libzstd-dev)
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 

@@ -23,6 +23,16 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.timings: list[tuple[str, float]] = []
+        self._detail = ""
+        self._last_update = 0.0
+
+    def update(self, text: str, every: float = 15.0) -> None:
+        """Progress inside the current stage (trials done, ETA): shown in the ticker on a terminal,
+        one line at most every ``every`` seconds in logs."""
+        self._detail = text
+        if self.enabled and not self.tty and time.monotonic() - self._last_update >= every:
+            self._last_update = time.monotonic()
+            print(f"  {text}", file=self.stream, flush=True)
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -34,12 +44,14 @@ class Progress:
     @contextlib.contextmanager
     def stage(self, title: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        self._detail = ""
         stop = threading.Event()
         ticker = None
         if self.tty:
             def tick() -> None:
                 while not stop.wait(0.25):
-                    self.stream.write(f"\r… {title} ({time.perf_counter() - t0:.1f} s)")
+                    detail = f": {self._detail}" if self._detail else ""
+                    self.stream.write(f"\r\033[K… {title} ({time.perf_counter() - t0:.1f} s){detail}")
                     self.stream.flush()
 
             ticker = threading.Thread(target=tick, daemon=True)

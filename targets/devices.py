@@ -459,6 +459,35 @@ class RPCDevice(Device):
         return Session(self, remote, _new_sockets_to(before, (host, port)), timeout=self.timeout)
 
 
+def _require_key(sock: socket.socket, key: str, what: str) -> None:
+    """Ask a connected tracker for its summary; a clear error if no device is registered under ``key``."""
+    from tvm.rpc import base
+
+    base.sendjson(sock, [base.TrackerCode.SUMMARY])
+    summary = base.recvjson(sock)
+    queue = (summary[1] if summary and summary[0] == base.TrackerCode.SUCCESS else {}).get("queue_info", {})
+    if key not in queue:
+        known = ", ".join(sorted(queue)) or "none"
+        raise DeviceError(f"{what}: no device is registered with the tracker under key {key!r} (keys: {known})")
+
+
+def check_tracker_key(host: str, port: int, key: str, timeout: float, what: str) -> None:
+    """Bounded check that a TVM RPC tracker answers at host:port and has devices under ``key``."""
+    from tvm.rpc import base
+
+    _probe(host, port, timeout, what)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+                raise DeviceError(f"{what}: {host}:{port} is not a TVM RPC tracker")
+            _require_key(sock, key, what)
+    except socket.timeout:
+        raise DeviceError(f"{what}: the tracker at {host}:{port} did not answer within {timeout:g} s") from None
+    except (OSError, ValueError, struct.error) as err:
+        raise DeviceError(f"{what}: talking to the tracker failed: {err}") from None
+
+
 class TrackerDevice(RPCDevice):
     """Any free device registered under ``key`` with a TVM RPC tracker (``python -m tvm.exec.rpc_tracker``)."""
 
@@ -481,13 +510,7 @@ class TrackerDevice(RPCDevice):
                 magic = struct.unpack("<i", base.recvall(sock, 4))[0]
                 if magic != base.RPC_TRACKER_MAGIC:
                     raise DeviceError(f"{self.spec}: {host}:{port} is not a TVM RPC tracker")
-                base.sendjson(sock, [base.TrackerCode.SUMMARY])
-                summary = base.recvjson(sock)
-                queue = (summary[1] if summary and summary[0] == base.TrackerCode.SUCCESS else {}).get("queue_info", {})
-                if self.device_key not in queue:
-                    known = ", ".join(sorted(queue)) or "none"
-                    raise DeviceError(f"{self.spec}: no device is registered with the tracker under key "
-                                      f"{self.device_key!r} (keys: {known})")
+                _require_key(sock, self.device_key, self.spec)
                 base.sendjson(sock, [base.TrackerCode.REQUEST, self.device_key, "", 1])
                 value = base.recvjson(sock)
         except socket.timeout:

@@ -96,7 +96,7 @@ def weights_blob(params: Sequence[np.ndarray]) -> bytes:
     """The weights in main()'s parameter order, as the C glue reads them (raw, uncompressed)."""
     entries, chunks, offset = [], [], 0
     for i, p in enumerate(params):
-        a = np.ascontiguousarray(p) if np.ndim(p) else np.asarray(p, order="C")
+        a = np.asarray(p, order="C")
         if a.ndim > _MAX_DIMS:
             raise UnsupportedModelError(f"firmware: weight {i} has {a.ndim} dims (at most {_MAX_DIMS})")
         code, bits, lanes = _dl_dtype(a.dtype)

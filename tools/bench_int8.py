@@ -4,6 +4,7 @@
     python tools/bench_int8.py                       # MLPs b1/b32 + digits CNN; MetaSchedule 16 trials/kernel on the MLPs
     python tools/bench_int8.py --trials 0            # untuned and dlight only (a few minutes)
     python tools/bench_int8.py --report-only bench/results/int8-<date>.json
+    python tools/bench_int8.py --coverage-only bench/results/int8-<date>.json   # recompute dlight coverage, time nothing
 
 Same process, same run, one thread everywhere (``TVM_NUM_THREADS=1``, ORT intra/inter-op 1):
 
@@ -178,7 +179,12 @@ def _dlight_coverage(mod, target) -> tuple[int, int]:
         fused = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
         done = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(fused)
     funcs = [f for _, f in done.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    return sum(bool(f.attrs and f.attrs.get("tir.is_scheduled")) for f in funcs), len(funcs)
+    return sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in funcs), len(funcs)
+
+
+def _coverage(variants: dict, target) -> dict[str, str]:
+    """config → "S of N kernels" (:func:`_dlight_coverage`) for the ``variants`` of :func:`_variants`."""
+    return {v: "%d of %d kernels" % _dlight_coverage(mod, target) for v, (mod, _) in variants.items()}
 
 
 def _tune(mod, target, trials: int, work_dir: Path):
@@ -333,25 +339,73 @@ def run(args) -> dict:
     return doc
 
 
+def _variants(name: str, entry: tuple, work: Path):
+    """Quantize one model of :func:`_models` and build the TVM variants the benchmark measures.
+
+    Returns (QDQ model path, QDQ model, config → (Relax module, RelaxModel whose params it takes),
+    the int8 rewrite's statistics).
+    """
+    import onnx
+
+    from edgecomp.targets.int8 import rewrite_int8
+    from edgecomp.targets.lowering import to_relax
+
+    fp32_path, in_name, shape, calib = entry[:4]
+    q_path = work / (re.sub(r"\W+", "-", name) + "-int8.onnx")
+    _quantize(Path(fp32_path), q_path, calib)
+    q_model = onnx.load(q_path)
+    rf = to_relax(onnx.load(fp32_path), {in_name: shape}, {in_name: "float32"})
+    rq = to_relax(q_model, {in_name: shape}, {in_name: "float32"})
+    qparams = dict(zip(rq.param_names, rq.params))
+    mod_int8, stats = rewrite_int8(rq.mod, qparams, fold_weight_terms=True)
+    mod_generic, _ = rewrite_int8(rq.mod)
+    variants = {"tvm-fp32": (rf.mod, rf), "tvm-qdq": (rq.mod, rq), "tvm-int8": (mod_int8, rq), "tvm-int8-generic": (mod_generic, rq)}
+    return q_path, q_model, variants, stats
+
+
+def recompute_coverage(doc: dict) -> None:
+    """Recompute ``doc["dlight_coverage"]`` for every model in it, for its recorded TVM target; no timing.
+
+    The modules are rebuilt as the benchmark builds them; the int8 rewrite's statistics must match
+    the recorded ones (else these are not the modules that were measured). Adds a note saying so.
+    """
+    import tvm
+
+    target = tvm.target.Target(json.loads(doc["tvm_target"]))
+    work = Path(tempfile.mkdtemp(prefix="bench-int8-"))
+    try:
+        models = _models(work)
+        for name in doc["dlight_coverage"]:
+            print(f"[{name}] dlight coverage", file=sys.stderr)
+            *_, variants, stats = _variants(name, models[name], work)
+            if json.loads(json.dumps(stats.to_json())) != doc["rewrite"][name]:
+                raise SystemExit(f"[{name}] the int8 rewrite differs from the recorded one: {stats.to_json()}")
+            doc["dlight_coverage"][name] = _coverage(variants, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc["notes"] = [n for n in doc.get("notes", []) if not n.startswith("The `dlight CPU rules scheduled` lines were recomputed")]
+    doc["notes"].append(
+        f"The `dlight CPU rules scheduled` lines were recomputed on {datetime.date.today().isoformat()} "
+        "(`tools/bench_int8.py --coverage-only`: the same modules rebuilt, nothing timed); every timing and "
+        "every other number is from the original run."
+    )
+
+
 def _run_models(args, doc: dict, work: Path, host) -> None:
     import numpy as np
-    import onnx
     import onnxruntime as ort
     import tvm
     from tvm import relax
 
     from edgecomp.targets.arm_cpu import ARM64
-    from edgecomp.targets.int8 import rewrite_int8
-    from edgecomp.targets.lowering import elf_arch, export_library, to_relax
+    from edgecomp.targets.lowering import elf_arch, export_library
 
     models = _models(work)
     selected = [m for m in models if any(s in m for s in args.models.split(","))]
     for name in selected:
         fp32_path, in_name, shape, calib, evals, labels = models[name]
         print(f"[{name}] quantizing", file=sys.stderr)
-        q_path = work / (re.sub(r"\W+", "-", name) + "-int8.onnx")
-        _quantize(Path(fp32_path), q_path, calib)
-        fp32_model, q_model = onnx.load(fp32_path), onnx.load(q_path)
+        q_path, q_model, variants, stats = _variants(name, models[name], work)
         step = _out_step(q_model)
 
         def ort_sess(path):
@@ -368,16 +422,8 @@ def _run_models(args, doc: dict, work: Path, host) -> None:
             acc = _accuracy(ref[config], ref["ort-fp32"], ref["ort-int8"] if config == "ort-int8" else None, labels, step)
             rows.append({"model": name, "config": config, "schedule": "ort", "latency": lat, "accuracy": acc})
 
-        rf = to_relax(fp32_model, {in_name: shape}, {in_name: "float32"})
-        rq = to_relax(q_model, {in_name: shape}, {in_name: "float32"})
-        qparams = dict(zip(rq.param_names, rq.params))
-        mod_int8, stats = rewrite_int8(rq.mod, qparams, fold_weight_terms=True)
-        mod_generic, _ = rewrite_int8(rq.mod)
-        variants = {"tvm-fp32": (rf.mod, rf), "tvm-qdq": (rq.mod, rq), "tvm-int8": (mod_int8, rq), "tvm-int8-generic": (mod_generic, rq)}
         doc.setdefault("rewrite", {})[name] = stats.to_json()
-        doc.setdefault("dlight_coverage", {})[name] = {
-            v: "%d of %d kernels" % _dlight_coverage(mod, host) for v, (mod, _) in variants.items()
-        }
+        doc.setdefault("dlight_coverage", {})[name] = _coverage(variants, host)
 
         host_out0 = None
         schedules = ["default", "fused+dlight"] + (["metaschedule"] if args.trials > 0 and name.startswith("mlp") else [])
@@ -547,14 +593,19 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per configuration (>= 10 runs)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--notes", help="a text file of findings (one per line) to add to the report")
-    p.add_argument("--report-only", metavar="JSON", help="rewrite the Markdown of a results JSON, run nothing")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--report-only", metavar="JSON", help="rewrite the Markdown of a results JSON, run nothing")
+    again.add_argument("--coverage-only", metavar="JSON", help="recompute the dlight coverage of a results JSON "
+                       "(rebuilds its modules, times nothing), then rewrite it and its Markdown")
     args = p.parse_args()
     # TVM's thread pool reads this when it starts: set it before anything imports tvm.
     os.environ["TVM_NUM_THREADS"] = "1"
 
-    if args.report_only:
-        doc = json.loads(Path(args.report_only).read_text())
-        json_path = Path(args.report_only)
+    if args.report_only or args.coverage_only:
+        json_path = Path(args.report_only or args.coverage_only)
+        doc = json.loads(json_path.read_text())
+        if args.coverage_only:
+            recompute_coverage(doc)
     else:
         doc = run(args)
         out = Path(args.out)

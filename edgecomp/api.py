@@ -39,7 +39,8 @@ from edgecomp.reference import load_npz, load_samples_npz, random_samples, sampl
 from edgecomp.figures import bundle_html
 from edgecomp.report import render_report
 from edgecomp.summary import ModelSummary, summarize
-from edgecomp.targets import Target, get_target
+from edgecomp.targets import Target, get_target, resolve_target
+from edgecomp.targets.kernels import emit_kernels
 from edgecomp.versions import package_versions
 from edgecomp.targets.lowering import compile_relax, elf_arch, export_library, to_relax
 
@@ -158,9 +159,11 @@ def _evaluate_example(example: Example, specs: list[TensorSpec], run_fn, origina
 
 def build(
     model: str | os.PathLike | None = None,
-    target: str = "host",
+    target: str | Target = "host",
     output: str | os.PathLike | None = None,
     *,
+    target_file: str | os.PathLike | None = None,
+    arch: str | None = None,
     example: str | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
     passes: str | Sequence[str] | None = None,
@@ -183,7 +186,10 @@ def build(
 
     Args:
         model: path of the ONNX file (or None with ``example``).
-        target: a registered target name (``edgecomp targets``).
+        target: a registered target name (``edgecomp targets``) or a ``Target`` record.
+        target_file: a user target described in TOML (``edgecomp.targets.target_file``), instead
+            of ``target``.
+        arch: the GPU architecture for targets that take one (``cuda``: ``"sm_86"``).
         output: bundle directory (or ``.tar``); default ``<model>-<target>`` in the current folder.
         example: build a shipped example model instead of a file (``"digits"``).
         input_shapes: static shapes for dynamic inputs, ``{"input": (1, 3, 224, 224)}``.
@@ -224,7 +230,7 @@ def build(
         EdgecompError: bad input (exit 2) or numerics past tolerance (``NumericsError``, exit 1).
     """
     progress = progress or Progress(enabled=False)
-    tgt = get_target(target)
+    tgt = resolve_target(target, target_file=target_file, arch=arch)
     model_path, ex = _resolve_model(model, example)
     shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     if ex is not None:
@@ -235,6 +241,8 @@ def build(
     bundle_fmt.check_output_path(out, force, protect=[model_path])
     emits = _emits(emit)
     fw_name = _firmware_name(firmware_name, model_path) if "firmware" in emits else None
+    if fw_name is not None and tgt.device != "cpu":
+        raise InputError(f"--emit firmware needs a CPU target; {tgt.name} runs {tgt.device} kernels")
     if fw_name is not None:
         from edgecomp.targets.firmware import runtime_site, toolchain
 
@@ -277,9 +285,13 @@ def build(
             executable = compile_relax(relax_model, tgt, int8_arith=int8_arith)
         with progress.stage(f"linking {bundle_fmt.CODE}" + (f" with {tgt.cross_compiler}" if tgt.cross_compiler else "")):
             export_library(executable, stage / bundle_fmt.CODE, tgt)
-            arch = elf_arch(stage / bundle_fmt.CODE)
-            if arch != tgt.arch:
-                raise UnsupportedModelError(f"linked {bundle_fmt.CODE} is {arch} code, expected {tgt.arch}")
+            code_arch = elf_arch(stage / bundle_fmt.CODE)
+            if code_arch != tgt.arch:
+                raise UnsupportedModelError(f"linked {bundle_fmt.CODE} is {code_arch} code, expected {tgt.arch}")
+        kernels = None
+        if tgt.device_kind.kernel_file is not None:  # GPU: the kernel source, for reading, compiled here
+            with progress.stage(f"writing {tgt.device_kind.kernel_file} and compiling it here"):
+                kernels = emit_kernels(executable, tgt, stage)
 
         weights = {f"p{i:04d}": np.asarray(v, order="C") for i, v in enumerate(relax_model.params)}
         coding = None
@@ -309,6 +321,9 @@ def build(
                 "tvm_target": tgt.target_dict(),
                 "cross_compiler": tgt.cross_compiler,
                 "device_key": tgt.device_key,
+                "device": tgt.device,
+                "target_file": tgt.source,
+                "kernels": kernels,
             },
             "inputs": [s.to_json() for s in in_specs],
             "outputs": [
@@ -483,8 +498,8 @@ def _verify(
         host_code = compile_relax(relax_model, get_target("host"), int8_arith=manifest["runtime"]["int8_arith"])
         run_fn = _vm_runner(host_code, relax_model.params, in_specs)
         ran = (
-            f"the same Relax module compiled for this host ({platform.machine()}); the "
-            f"{tgt.arch} code itself was not executed here"
+            f"the same Relax module compiled for this host ({platform.machine()}); "
+            f"{tgt.code_description} not executed here"
         )
     got = run_fn(samples)
     check = compare(out_names, final_reference, got, tolerance)

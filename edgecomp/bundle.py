@@ -10,6 +10,7 @@ Layout (a directory, or the same packed into one ``.tar``)::
     reference/outputs.npz   ONNX Runtime's outputs of the *original* model on them
     report.md               the human report
     report.html             the same with figures (spectra and ranks, size waterfall)
+    kernels.cu / kernels.cl GPU targets: the kernel source (also inside model.so), for reading
 
 A bundle is staged in a hidden temporary sibling folder and renamed into place only when complete;
 a failure removes the staging folder, so no half-written bundle is ever left. Loading checks every
@@ -195,6 +196,12 @@ class Bundle:
     def _runtime(self):
         from edgecomp.targets.base import host_arch
 
+        device = self.manifest["target"].get("device", "cpu")
+        if device != "cpu":  # GPU kernels need their GPU; this loader runs CPU code only
+            raise BundleError(
+                f"bundle {self.root} holds {device} kernels for target {self.manifest['target']['name']!r}; "
+                f"edgecomp runs bundles on this machine's CPU only"
+            )
         if self.target_arch != host_arch():
             raise BundleError(
                 f"bundle {self.root} holds {self.target_arch} code for target "

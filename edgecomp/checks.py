@@ -565,6 +565,13 @@ def run_check(
             dev.for_target(m["target"].get("tvm_target"))
         if base is not None:  # a baseline for another model or device fails before the device is touched
             _check_baseline_matches(base, model, dev.describe(), str(baseline))
+        device_kind = m["target"].get("device", "cpu")
+        if device_kind != "cpu":  # sessions place tensors on the device's CPU (remote.cpu())
+            raise BundleError(
+                f"bundle {bundle} holds {device_kind} kernels (target {m['target']['name']!r}); edgecomp check "
+                f"runs CPU code only (its sessions use the device's CPU): load model.so on the GPU machine with "
+                f"a TVM runtime built with {device_kind}"
+            )
         if dev.arch is not None and dev.arch != b.target_arch:
             raise BundleError(
                 f"bundle {bundle} holds {b.target_arch} code (target {m['target']['name']!r}); device {dev.spec} is "

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", help="ONNX model file")
     b.add_argument("--example", help="build a shipped example instead of a file (digits)")
     b.add_argument("-t", "--target", default="host", help="target name (see 'edgecomp targets'); default host")
+    b.add_argument("--target-file", metavar="TOML", help="a user target: TVM target dict, arch, cross compiler, RPC key "
+                   "([target] table; README 'Targets')")
+    b.add_argument("--arch", help="GPU architecture for targets that take one (cuda: sm_XX, default sm_80)")
     b.add_argument("-o", "--output", help="bundle directory or .tar (default: <model>-<target>)")
     _shapes(b)
     b.add_argument(
@@ -156,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(c)
 
     t = sub.add_parser("targets", help="list registered targets and their TVM target dicts")
+    t.add_argument("--target-file", metavar="TOML", help="check a target file and list it too")
     _common(t)
     parser.build_parser = b  # type: ignore[attr-defined]  (config files set its defaults)
     return parser
@@ -192,6 +196,8 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
     result = build(
         args.model,
         target=args.target,
+        target_file=args.target_file,
+        arch=args.arch,
         output=args.output,
         example=args.example,
         input_shapes=parse_input_shapes(args.input_shape),
@@ -224,6 +230,10 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
     if fw_files:
         print(f"  {'firmware/':<24} {sum(i['bytes'] for i in fw_files.values()):>10,} B in {len(fw_files)} files "
               f"(firmware/include/{m['firmware']['name']}.h, CMake package, runtime)")
+    kern = m["target"].get("kernels")
+    if kern:
+        how = kern["compile"]["what"] if kern["compiled"] else f"not compiled here: {kern['compile'].get('skipped')}"
+        print(f"kernels: {kern['kernels']} {kern['language']} kernels in {kern['file']}; {how}")
     print(f"verified: {v['ran']}")
     for o in v["numerics"]["outputs"]:
         top1 = f", top-1 agreement {o['top1']:.3f}" if o.get("top1") is not None else ""
@@ -386,27 +396,32 @@ def _check(args: argparse.Namespace, progress) -> int:
 
 
 def _cmd_targets(args: argparse.Namespace, progress) -> int:
-    from edgecomp.targets import list_targets
+    from edgecomp.targets import list_targets, resolve_target
 
+    targets = list_targets() + ([resolve_target(target_file=args.target_file)] if args.target_file else [])
     rows = [
         {
             "name": t.name,
             "arch": t.arch,
+            "device": t.device,
             "family": t.family,
             "tvm_target": t.target_dict(),
             "cross_compiler": t.cross_compiler,
             "runs_here": t.runs_on_this_machine,
             "description": t.description,
+            "target_file": t.source,
         }
-        for t in list_targets()
+        for t in targets
     ]
     if args.json:
         _print_json(rows)
         return 0
+    width = max(len(r["name"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<8} {r['arch']:<8} {json.dumps(r['tvm_target'])}")
+        print(f"{r['name']:<{width}} {r['arch']:<7} {r['device']:<6} {json.dumps(r['tvm_target'])}")
         extra = f"; linked with {r['cross_compiler']}" if r["cross_compiler"] else ""
-        print(f"{'':<8} {r['description']}{extra}")
+        source = f" (from {r['target_file']})" if r["target_file"] else ""
+        print(f"{'':<{width}} {r['description']}{extra}{source}")
     return 0
 
 

@@ -21,7 +21,10 @@ import onnx
 from edgecomp.errors import InputError, UnsupportedModelError
 from edgecomp.targets.base import ELF_MACHINES, Target
 
-__all__ = ["RelaxModel", "inline_small_constants", "unsupported_nodes", "to_relax", "compile_relax", "export_library", "elf_arch"]
+__all__ = [
+    "RelaxModel", "inline_small_constants", "unsupported_nodes", "to_relax", "relax_pipeline", "compile_relax",
+    "export_library", "elf_arch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +133,33 @@ def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], i
     return RelaxModel(mod, names, values)
 
 
-def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None, system_lib_prefix: str | None = None):
+def relax_pipeline(target: Target):
+    """The Relax pipeline object for ``target`` (its record's ``default_pipeline``).
+
+    ``target``: ``relax.get_default_pipeline(tvm_target)``, TVM's per-target pipeline; for GPUs
+    it applies the ``tvm.s_tir.dlight`` GPU rules (Matmul, GEMV, Reduction, Fallback; Adreno: its
+    own rules). A pipeline *object* from ``relax.get_pipeline("default")`` would skip them, and
+    ``tvm.compile`` then emits unscheduled GPU functions without a kernel (measured: a CUDA build
+    of digits held no CUDA module at all).
+    """
+    from tvm import relax
+
+    if target.default_pipeline == "target":
+        return relax.get_default_pipeline(target.tvm())
+    return relax.get_pipeline(target.default_pipeline)
+
+
+def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None, system_lib_prefix: str | None = None,
+                  db: str | os.PathLike | None = None):
     """``tvm.compile`` for ``target`` with its default pipeline; returns the VM executable.
 
     ``int8_arith=True`` first rewrites QDQ dequantize → matmul/conv2d sites into int8×int8 →
     int32 arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms
     folded for ``relax_model.params``, so the code is tied to those weights). ``None``/``False``
     keep the dequantize → fp32 path.
+
+    ``db``: a MetaSchedule tuning database (``edgecomp tune``): its schedules are applied to the
+    raw module (:func:`edgecomp.targets.tuning.apply_database`) before the target's pipeline.
 
     ``system_lib_prefix``: build a *system library* (``relax.build(..., system_lib=True)``) whose
     objects register the model under this prefix in a statically linked program (firmware).
@@ -150,14 +173,23 @@ def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | No
 
         mod, stats = rewrite_int8(mod, dict(zip(relax_model.param_names, relax_model.params)), fold_weight_terms=True)
         log.info("int8 arithmetic: %d of %d dequantize→matmul/conv2d sites rewritten", stats.rewritten, stats.matched)
+    if target.device_kind.kernel_file is not None:
+        from edgecomp.targets.kernels import safe_param_names
+
+        mod = safe_param_names(mod)  # kernel source is C: ONNX names like "0.weight" are not identifiers
+    if db is not None:
+        from edgecomp.targets.tuning import apply_database
+
+        mod = apply_database(mod, target, db)
     try:
+        pipeline = relax_pipeline(target)
         if system_lib_prefix is not None:
             # The prefix is a module attribute (0.27 has no target option for it). Measured here: a
             # 7-character prefix ("digits_", a tvm-ffi SmallStr) made relax.build fail converting
             # the attribute; edgecomp's prefixes are "edgecomp_<name>_", always longer.
             mod = mod.with_attr("system_lib_prefix", system_lib_prefix)
-            return relax.build(mod, target=target.tvm(), relax_pipeline=relax.get_pipeline(target.default_pipeline), system_lib=True)
-        return tvm.compile(mod, target=target.tvm(), relax_pipeline=relax.get_pipeline(target.default_pipeline))
+            return relax.build(mod, target=target.tvm(), relax_pipeline=pipeline, system_lib=True)
+        return tvm.compile(mod, target=target.tvm(), relax_pipeline=pipeline)
     except Exception as err:
         msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
         raise UnsupportedModelError(f"TVM failed to compile for {target.name}: {msg}") from err
@@ -176,7 +208,8 @@ def export_library(executable: Any, path: str | os.PathLike, target: Target) -> 
             f"target {target.name} needs the cross compiler {target.cross_compiler}, which is not "
             f"installed (Debian: apt-get install {pkgs})"
         )
-    executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(target.cross_compiler))
+    fcompile = tvm.support.cc.cross_compiler(target.cross_compiler, options=list(target.link_options) or None)
+    executable.export_library(str(path), fcompile=fcompile)
 
 
 def elf_arch(path: str | os.PathLike) -> str | None:

@@ -1,0 +1,319 @@
+"""MetaSchedule auto-tuning with a database that later builds reuse.
+
+``edgecomp tune MODEL --target T --trials N --db DIR`` tunes the model's TIR kernels and keeps
+every measured record in ``DIR/<target>/`` (MetaSchedule's JSON database: one line per record,
+written as each batch is measured, so an interrupted run loses at most the batch in flight and a
+rerun continues from the records already there). ``edgecomp build ... --db DIR`` compiles through
+the same database without tuning.
+
+Facts this module is built on (measured here, see DESIGN.md):
+
+- Tasks are extracted from the module after ``DecomposeOpsForInference`` + the ``zero`` pipeline;
+  a freshly imported module has no TIR to tune.
+- A database is applied to the *raw* imported module by
+  ``relax.get_pipeline("static_shape_tuning", total_trials=0, work_dir=DB)``; a module that was
+  already legalized and fused silently gets untuned code.
+- MetaSchedule's ``LocalBuilder``/``LocalRunner`` start worker processes that import TVM and its
+  tensor intrinsics for every batch (1–2.5 min a batch on 2 cores). For targets that run on this
+  machine, candidates are built and timed in this process instead (``InProcessBuilder`` /
+  ``InProcessRunner``): the same ``default_build`` and time evaluator, without the process
+  start-up. Devices behind a TVM RPC tracker are timed with MetaSchedule's ``RPCRunner``.
+- Records are only valid for the target they were measured on: each target gets its own folder
+  with a ``target.json``; a database recorded for another target (or another CPU) is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgecomp.errors import DeviceError, InputError, UnsupportedModelError
+from edgecomp.targets.base import Target
+
+__all__ = ["TuneReport", "tune", "apply_database", "database_dir", "check_tracker"]
+
+log = logging.getLogger(__name__)
+
+TARGET_FILE = "target.json"
+
+
+@dataclasses.dataclass
+class TuneReport:
+    """What a tuning run did."""
+
+    db: str
+    target: str
+    tasks: int
+    trials_requested: int
+    trials_before: int
+    trials_run: int
+    seconds: float
+    runner: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# the database folder
+
+
+def database_dir(db: str | os.PathLike, target: Target, *, create: bool, remote: bool = False) -> Path:
+    """``DB/<target name>``, checked against ``target`` (its ``target.json``).
+
+    ``create=False`` (a build reusing tuning) requires the folder to exist.
+    """
+    root = Path(db)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"tuning database {root} is not a folder")
+    if (root / TARGET_FILE).exists():  # a target folder given instead of the root
+        raise InputError(f"{root} is one target's folder of a tuning database; give its parent folder ({root.parent})")
+    folder = root / target.name
+    want = {"target": target.name, "tvm_target": target.target_dict()}
+    if not folder.exists():
+        if not create:
+            have = sorted(p.name for p in root.glob("*") if (p / TARGET_FILE).exists()) if root.is_dir() else []
+            has = f" (it has records for: {', '.join(have)})" if have else ""
+            raise InputError(f"tuning database {root} has no records for target {target.name}{has}: run edgecomp tune first")
+        folder.mkdir(parents=True)
+        record = {**want, "tuning_target": _tuning_target(target, remote)}
+        (folder / TARGET_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return folder
+    try:
+        have = json.loads((folder / TARGET_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"tuning database {folder}: cannot read {TARGET_FILE}: {err}") from None
+    if {k: have.get(k) for k in want} != json.loads(json.dumps(want)):
+        raise InputError(
+            f"tuning database {folder} was recorded for {have.get('tvm_target')}, not for target {target.name} "
+            f"{target.target_dict()}: its timings do not apply here; use another --db"
+        )
+    return folder
+
+
+def _tuning_target(target: Target, remote: bool) -> dict[str, Any]:
+    """The target dict MetaSchedule tunes for: it needs ``num-cores`` (the host's cores when timed
+    here; 4, a typical phone/board SoC cluster, for remote devices unless the target dict says)."""
+    spec = target.target_dict()
+    if spec.get("kind") == "llvm" and "num-cores" not in spec:
+        spec["num-cores"] = 4 if remote else (os.cpu_count() or 1)
+    return spec
+
+
+def _stored_target(folder: Path):
+    import tvm
+
+    return tvm.target.Target(json.loads((folder / TARGET_FILE).read_text())["tuning_target"])
+
+
+def _open(folder: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(
+        path_workload=str(folder / "database_workload.json"),
+        path_tuning_record=str(folder / "database_tuning_record.json"),
+        allow_missing=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# in-process measurement
+
+
+def _in_process_classes():
+    """InProcessBuilder/InProcessRunner, defined lazily (they subclass TVM classes)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class InProcessBuilder(ms.builder.PyBuilder):
+        def __init__(self, work: Path) -> None:
+            super().__init__()
+            self.work = work
+
+        def build(self, build_inputs):
+            results = []
+            for inp in build_inputs:
+                try:
+                    lib = default_build(inp.mod, inp.target, None)
+                    # one folder per candidate: MetaSchedule's default callback removes it after timing
+                    path = Path(tempfile.mkdtemp(dir=self.work)) / "candidate.so"
+                    lib.export_library(str(path))
+                    results.append(ms.builder.BuilderResult(str(path), None))
+                except Exception as err:  # noqa: BLE001  (a failed candidate is a result, not the end)
+                    results.append(ms.builder.BuilderResult(None, f"{type(err).__name__}: {str(err)[-300:]}"))
+            return results
+
+    @derived_object
+    class InProcessRunner(ms.runner.PyRunner):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.config = config
+
+        def run(self, runner_inputs):
+            futures = []
+            for inp in runner_inputs:
+                try:
+                    rt_mod = tvm.runtime.load_module(inp.artifact_path)
+                    dev = tvm.runtime.device(inp.device_type, 0)
+                    args = default_alloc_argument(dev, [a.as_json() for a in inp.args_info], 1)
+                    costs = run_evaluator_common(rt_mod, dev, self.config, args)
+                    futures.append(ms.runner.LocalRunnerFuture(res=costs, error_message=None))
+                except Exception as err:  # noqa: BLE001
+                    futures.append(ms.runner.LocalRunnerFuture(res=None, error_message=f"{type(err).__name__}: {str(err)[-300:]}"))
+            return futures
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self, total: int, before: int, progress) -> None:
+            super().__init__()
+            self.total, self.done, self.before, self.progress = total, 0, before, progress
+            self.t0 = time.monotonic()
+            self.best: dict[int, float] = {}
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.done += len(measure_candidates)
+            for r in runner_results:
+                if r.run_secs:
+                    t = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    self.best[task_id] = min(self.best.get(task_id, float("inf")), t)
+            elapsed = time.monotonic() - self.t0
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            best = sum(self.best.values()) * 1e3
+            self.progress.update(
+                f"tuning: {self.before + self.done}/{self.before + self.total} trials, "
+                f"best kernels sum {best:.3f} ms over {len(self.best)} task(s), ETA {eta:.0f} s"
+            )
+
+    return InProcessBuilder, InProcessRunner, Progress
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def check_tracker(host: str, port: int, key: str, timeout: float = 10.0) -> None:
+    """A one-line error within ``timeout`` if the tracker is unreachable or has no device under ``key``."""
+    from edgecomp.targets.devices import check_tracker_key
+
+    check_tracker_key(host, port, key, timeout, f"tracker {host}:{port}")
+
+
+def tune(
+    relax_model: Any,
+    target: Target,
+    db: str | os.PathLike,
+    trials: int,
+    *,
+    trials_per_task: int | None = None,
+    tracker: tuple[str, int] | None = None,
+    rpc_key: str | None = None,
+    progress: Any = None,
+    seed: int = 0,
+) -> TuneReport:
+    """Tune ``relax_model`` for ``target`` until ``DB/<target>`` holds ``trials`` records.
+
+    Local measurement (in-process) for targets that run on this machine; with ``tracker`` and
+    ``rpc_key``, candidates are cross-built here and timed on the devices registered under the key.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    if trials < 1:
+        raise InputError("--trials must be at least 1")
+    if tracker is None and not target.runs_on_this_machine:
+        raise InputError(
+            f"target {target.name} ({target.arch}) cannot be timed on this machine: tune on devices behind a TVM RPC "
+            f"tracker (--tracker HOST:PORT --rpc-key KEY)"
+        )
+    if tracker is not None:
+        if not rpc_key:
+            raise InputError("--tracker needs --rpc-key (the key the devices registered under)")
+        check_tracker(tracker[0], tracker[1], rpc_key)
+    folder = database_dir(db, target, create=True, remote=tracker is not None)
+    tuning_target = _stored_target(folder)
+    database = _open(folder)
+    before = len(database.get_all_tuning_records())
+    left = trials - before
+    with tuning_target:
+        mod = tvm.transform.Sequential(
+            [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")]
+        )(relax_model.mod)
+    tasks = ms.relax_integration.extract_tasks(mod, tuning_target, {})
+    t0 = time.monotonic()
+    runner_name = "in-process (this machine)"
+    if left <= 0:
+        log.info("tuning: %s already holds %d records (asked for %d): nothing to do", folder, before, trials)
+        return TuneReport(str(folder), target.name, len(tasks), trials, before, 0, 0.0, "none (already tuned)")
+    # MetaSchedule's console handler takes the level of its logger: keep stdout for our output
+    # (--json); its full log still goes to DB/<target>/logs.
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_log.level == logging.NOTSET:
+        ms_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    InProcessBuilder, InProcessRunner, ProgressCallback = _in_process_classes()
+    from edgecomp.progress import Progress as _P
+
+    progress = progress or _P(enabled=False)
+    config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    work = Path(tempfile.mkdtemp(prefix="edgecomp-tune-"))
+    try:
+        if tracker is None:
+            builder, runner = InProcessBuilder(work), InProcessRunner(config)
+        else:
+            rpc_config = ms.runner.RPCConfig(tracker_host=tracker[0], tracker_port=tracker[1], tracker_key=rpc_key,
+                                             session_timeout_sec=120)
+            builder = ms.builder.LocalBuilder(f_export=_cross_export(target)) if target.cross_compiler else ms.builder.LocalBuilder()
+            runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config)
+            runner_name = f"RPC tracker {tracker[0]}:{tracker[1]} key {rpc_key}"
+        callback = ProgressCallback(left, before, progress)
+        with progress.stage(f"tuning {len(tasks)} task(s) for {target.name}: {left} trials ({runner_name})"):
+            ms.relax_integration.tune_relax(
+                mod, {}, tuning_target, str(folder), max_trials_global=left,
+                max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, max(8, left // max(1, len(tasks)))),
+                builder=builder, runner=runner, database=database, seed=seed,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+            )
+    except (InputError, DeviceError):
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise UnsupportedModelError(f"tuning for {target.name} failed: {str(err).strip().splitlines()[-1][:300]}") from err
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    after = len(_open(folder).get_all_tuning_records())
+    return TuneReport(str(folder), target.name, len(tasks), trials, before, after - before, round(time.monotonic() - t0, 1), runner_name)
+
+
+def _cross_export(target: Target):
+    """The export function of MetaSchedule's builder for a cross-compiled target (a global func name)."""
+    import tvm
+
+    name = f"edgecomp.tuning.export.{target.name}"
+    if tvm.get_global_func(name, allow_missing=True) is None:
+        compiler = target.cross_compiler
+
+        def export(mod) -> str:
+            path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+            mod.export_library(path, fcompile=tvm.support.cc.cross_compiler(compiler))
+            return path
+
+        tvm.register_global_func(name, export)
+    return name
+
+
+def apply_database(mod, target: Target, db: str | os.PathLike):
+    """The raw module with the database's schedules applied (``static_shape_tuning``, 0 trials)."""
+    from tvm import relax
+
+    folder = database_dir(db, target, create=False)
+    return relax.get_pipeline("static_shape_tuning", total_trials=0, target=_stored_target(folder), work_dir=str(folder))(mod)

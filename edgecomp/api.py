@@ -44,7 +44,7 @@ from edgecomp.targets.kernels import emit_kernels
 from edgecomp.versions import package_versions
 from edgecomp.targets.lowering import compile_relax, elf_arch, export_library, to_relax
 
-__all__ = ["BuildResult", "build", "inspect_model", "run_bundle", "check", "tool_versions"]
+__all__ = ["BuildResult", "build", "tune", "inspect_model", "run_bundle", "check", "tool_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,60 @@ def _evaluate_example(example: Example, specs: list[TensorSpec], run_fn, origina
     }
 
 
+@dataclasses.dataclass
+class _Front:
+    """The graph a build compiles and what it was checked with (shared by ``build`` and ``tune``)."""
+
+    original: Any
+    in_specs: list[TensorSpec]
+    out_names: list[str]
+    samples: Samples
+    sample_source: str
+    calib_samples: Any
+    calib_source: str
+    reference: Any
+    final: Any
+    records: list
+    final_reference: Any
+    entropy: str | None
+    lossy: bool
+    accuracy: Tolerance
+
+
+def _front(model_path: Path, ex, shapes, reference_inputs, num_samples, calib, lowrank, int8, prune, passes, entropy,
+           int8_arith, tolerance: Tolerance, accuracy: Tolerance | None, progress: Progress) -> _Front:
+    """Import the model, take reference and calibration samples, run the passes (each checked)."""
+    with progress.stage(f"importing {model_path.name}"):
+        original = load_onnx(model_path)
+        fixed = fix_input_shapes(original, shapes)
+        in_specs = graph_inputs(fixed)
+        out_names = [o.name for o in graph_outputs(original)]
+        samples, sample_source = _reference_samples(in_specs, reference_inputs, ex, num_samples)
+        calib_samples, calib_source = _calibration_samples(in_specs, calib, ex)
+        reference = run_ort(original, samples, out_names)
+
+    ctx = PassContext(
+        lowrank=_lowrank_config(lowrank),
+        int8=parse_int8(int8) if isinstance(int8, str) else int8,
+        prune=parse_prune(prune) if isinstance(prune, str) else prune,
+        calib=calib_samples,
+    )
+    passes, entropy = _split_entropy(passes, entropy)
+    if int8_arith and ctx.int8 is None and "int8" not in (passes or []):
+        raise InputError("--int8-arith compiles int8 layers: it needs --int8 (or 'int8' in --passes)")
+    if entropy is not None and entropy not in ENTROPY_CODECS:
+        raise InputError(f"unknown entropy coder {entropy!r} (known: {', '.join(ENTROPY_CODECS)})")
+    pass_list = make_passes(passes, ctx)
+    lossy = any(is_lossy(p) for _, p in pass_list)
+    accuracy = accuracy or (DEFAULT_ACCURACY if lossy else tolerance)
+    final, records, final_reference = run_pipeline(
+        fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress
+    )
+
+    return _Front(original, in_specs, out_names, samples, sample_source, calib_samples, calib_source, reference,
+                  final, records, final_reference, entropy, lossy, accuracy)
+
+
 def build(
     model: str | os.PathLike | None = None,
     target: str | Target = "host",
@@ -178,6 +232,7 @@ def build(
     int8_arith: bool = False,
     emit: str | Sequence[str] | None = None,
     firmware_name: str | None = None,
+    db: str | os.PathLike | None = None,
     accuracy: Tolerance | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -223,6 +278,8 @@ def build(
             target's code can run here (natively or under qemu-user).
         firmware_name: the C name of the model in the firmware API (default: from the model
             file name, ``digits_cnn`` → ``digits_cnn_create(...)``).
+        db: a tuning database written by :func:`tune` (``edgecomp tune``): the kernels get its
+            schedules (no tuning runs); a database for another target is refused.
         accuracy: how far lossy passes may take the outputs from the original model
             (default: cosine ≥ 0.98 per sample).
         force: replace an existing output.
@@ -241,6 +298,7 @@ def build(
     bundle_fmt.check_output_path(out, force, protect=[model_path])
     emits = _emits(emit)
     fw_name = _firmware_name(firmware_name, model_path) if "firmware" in emits else None
+    tuning = _tuning_record(db, tgt)
     if fw_name is not None and tgt.device != "cpu":
         raise InputError(f"--emit firmware needs a CPU target; {tgt.name} runs {tgt.device} kernels")
     if fw_name is not None:
@@ -249,32 +307,13 @@ def build(
         toolchain(tgt)  # missing compilers or runtime libraries: say so before any work
         runtime_site(tgt.arch)
 
-    with progress.stage(f"importing {model_path.name}"):
-        original = load_onnx(model_path)
-        fixed = fix_input_shapes(original, shapes)
-        in_specs = graph_inputs(fixed)
-        out_names = [o.name for o in graph_outputs(original)]
-        samples, sample_source = _reference_samples(in_specs, reference_inputs, ex, num_samples)
-        calib_samples, calib_source = _calibration_samples(in_specs, calib, ex)
-        reference = run_ort(original, samples, out_names)
-
-    ctx = PassContext(
-        lowrank=_lowrank_config(lowrank),
-        int8=parse_int8(int8) if isinstance(int8, str) else int8,
-        prune=parse_prune(prune) if isinstance(prune, str) else prune,
-        calib=calib_samples,
+    fr = _front(
+        model_path, ex, shapes, reference_inputs, num_samples, calib, lowrank, int8, prune, passes, entropy,
+        int8_arith, tolerance, accuracy, progress,
     )
-    passes, entropy = _split_entropy(passes, entropy)
-    if int8_arith and ctx.int8 is None and "int8" not in (passes or []):
-        raise InputError("--int8-arith compiles int8 layers: it needs --int8 (or 'int8' in --passes)")
-    if entropy is not None and entropy not in ENTROPY_CODECS:
-        raise InputError(f"unknown entropy coder {entropy!r} (known: {', '.join(ENTROPY_CODECS)})")
-    pass_list = make_passes(passes, ctx)
-    lossy = any(is_lossy(p) for _, p in pass_list)
-    accuracy = accuracy or (DEFAULT_ACCURACY if lossy else tolerance)
-    final, records, final_reference = run_pipeline(
-        fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress
-    )
+    original, in_specs, out_names, final, records = fr.original, fr.in_specs, fr.out_names, fr.final, fr.records
+    samples, sample_source, calib_samples, calib_source = fr.samples, fr.sample_source, fr.calib_samples, fr.calib_source
+    reference, final_reference, entropy, lossy, accuracy = fr.reference, fr.final_reference, fr.entropy, fr.lossy, fr.accuracy
 
     code_tolerance, code_tolerance_note = _code_tolerance(final, tolerance)
 
@@ -282,7 +321,7 @@ def build(
         with progress.stage("importing into TVM Relax"):
             relax_model = to_relax(final, {s.name: s.shape for s in in_specs}, {s.name: s.dtype for s in in_specs})
         with progress.stage(f"compiling for {tgt.name} ({tgt.target_dict()})"):
-            executable = compile_relax(relax_model, tgt, int8_arith=int8_arith)
+            executable = compile_relax(relax_model, tgt, int8_arith=int8_arith, db=db)
         with progress.stage(f"linking {bundle_fmt.CODE}" + (f" with {tgt.cross_compiler}" if tgt.cross_compiler else "")):
             export_library(executable, stage / bundle_fmt.CODE, tgt)
             code_arch = elf_arch(stage / bundle_fmt.CODE)
@@ -351,6 +390,7 @@ def build(
             "tools": tool_versions(tgt),
             "passes": [r.to_json() for r in records],
             "entropy_coding": coding,
+            "tuning": tuning,
         }
 
         with progress.stage("verifying compiled code against ONNX Runtime"):
@@ -364,7 +404,7 @@ def build(
         if fw_name is not None:
             manifest["firmware"] = _emit_firmware(
                 relax_model, tgt, stage, fw_name, model_path.stem, in_specs, manifest["outputs"], int8_arith,
-                entropy is not None, samples, final_reference, out_names, code_tolerance, progress,
+                entropy is not None, samples, final_reference, out_names, code_tolerance, progress, db,
             )
 
         pre = dict(manifest)
@@ -398,6 +438,75 @@ def _code_tolerance(final, tolerance: Tolerance) -> tuple[Tolerance, str]:
     )
 
 
+def _tuning_record(db: str | os.PathLike | None, tgt: Target) -> dict[str, Any] | None:
+    """The database a build compiles with, checked against the target before any work."""
+    if db is None:
+        return None
+    from edgecomp.targets.tuning import database_dir, record_count
+
+    folder = database_dir(db, tgt, create=False)
+    return {"db": str(folder), "target": tgt.name, "records": record_count(folder)}
+
+
+def tune(
+    model: str | os.PathLike | None = None,
+    target: str | Target = "host",
+    db: str | os.PathLike = "tuning-db",
+    trials: int = 64,
+    *,
+    trials_per_task: int | None = None,
+    tracker: str | None = None,
+    rpc_key: str | None = None,
+    target_file: str | os.PathLike | None = None,
+    arch: str | None = None,
+    example: str | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    passes: str | Sequence[str] | None = None,
+    reference_inputs: str | os.PathLike | dict | None = None,
+    num_samples: int = 8,
+    tolerance: Tolerance = Tolerance(),
+    lowrank: str | RankPolicy | LowRankConfig | None = None,
+    calib: str | os.PathLike | dict | None = None,
+    int8: str | QuantizeConfig | None = None,
+    prune: str | PruneConfig | None = None,
+    int8_arith: bool = False,
+    accuracy: Tolerance | None = None,
+    progress: Progress | None = None,
+):
+    """MetaSchedule-tune the kernels of the model a ``build`` with the same options compiles.
+
+    The records go to ``db/<target>/`` (:mod:`edgecomp.targets.tuning`); ``build(..., db=db)``
+    then compiles with them. ``trials`` is the total the database should hold: a rerun after an
+    interruption continues from the records already there. ``tracker="HOST:PORT"`` with
+    ``rpc_key`` times candidates on devices registered with a TVM RPC tracker.
+    Returns a :class:`edgecomp.targets.tuning.TuneReport`.
+    """
+    from edgecomp.targets.tuning import tune as ms_tune
+
+    progress = progress or Progress(enabled=False)
+    tgt = resolve_target(target, target_file=target_file, arch=arch)
+    where = None
+    if tracker is not None:
+        host, _, port = str(tracker).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(f"--tracker {tracker!r}: expected HOST:PORT")
+        where = (host.strip("[]"), int(port))
+    if trials < 1:
+        raise InputError("--trials must be at least 1")
+    model_path, ex = _resolve_model(model, example)
+    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    if ex is not None:
+        shapes = {**ex.input_shapes, **shapes}
+    fr = _front(model_path, ex, shapes, reference_inputs, num_samples, calib, lowrank, int8, prune, passes, None,
+                int8_arith, tolerance, accuracy, progress)
+    with progress.stage("importing into TVM Relax"):
+        relax_model = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
+    report = ms_tune(relax_model, tgt, db, trials, int8_arith=int8_arith, trials_per_task=trials_per_task,
+                     tracker=where, rpc_key=rpc_key, progress=progress)
+    progress.note(f"database {report.db}: {report.trials_before + report.trials_run} records")
+    return report
+
+
 EMITS = ("firmware",)
 
 
@@ -421,7 +530,8 @@ def _firmware_name(name: str | None, model_path: Path) -> str:
 
 def _emit_firmware(relax_model, tgt: Target, stage: Path, name: str, model_name: str, in_specs: list[TensorSpec],
                    outputs: list[dict[str, Any]], int8_arith: bool, compress: bool, samples: Samples,
-                   final_reference, out_names: list[str], tolerance: Tolerance, progress: Progress) -> dict[str, Any]:
+                   final_reference, out_names: list[str], tolerance: Tolerance, progress: Progress,
+                   db: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write ``firmware/`` and run the C example against it where the target's code runs here."""
     from edgecomp.targets import firmware as fw
 
@@ -431,7 +541,7 @@ def _emit_firmware(relax_model, tgt: Target, stage: Path, name: str, model_name:
     with progress.stage(f"firmware: static library, C header, CMake package ({name})"):
         result = fw.emit_firmware(
             relax_model, tgt, dest, name=name, model_name=model_name, inputs=ins, outputs=outs,
-            int8_arith=int8_arith, compress=compress, versions=tool_versions(tgt),
+            int8_arith=int8_arith, compress=compress, versions=tool_versions(tgt), db=db,
         )
     info: dict[str, Any] = result.to_json()
     prefix, why = fw.runner_command(tgt.arch)

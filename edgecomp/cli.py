@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["main"]
@@ -41,21 +42,19 @@ def _shapes(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _model_options(b: argparse.ArgumentParser, for_tune: bool = False) -> None:
+    """The options of ``build`` (model, target, passes, compression); ``tune`` takes the same ones
+    that decide which graph is compiled, so that it tunes exactly what ``build`` compiles."""
     from edgecomp.passes import DEFAULT_PASSES, PASSES
 
-    parser = _Parser(prog="edgecomp", description="Compile ONNX models into verified edge-device bundles (TVM).")
-    parser.add_argument("--version", action="version", version=f"edgecomp {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    b = sub.add_parser("build", help="compile a model into a verified bundle")
     b.add_argument("model", nargs="?", help="ONNX model file")
     b.add_argument("--example", help="build a shipped example instead of a file (digits)")
     b.add_argument("-t", "--target", default="host", help="target name (see 'edgecomp targets'); default host")
     b.add_argument("--target-file", metavar="TOML", help="a user target: TVM target dict, arch, cross compiler, RPC key "
                    "([target] table; README 'Targets')")
     b.add_argument("--arch", help="GPU architecture for targets that take one (cuda: sm_XX, default sm_80)")
-    b.add_argument("-o", "--output", help="bundle directory or .tar (default: <model>-<target>)")
+    if not for_tune:
+        b.add_argument("-o", "--output", help="bundle directory or .tar (default: <model>-<target>)")
     _shapes(b)
     b.add_argument(
         "--passes",
@@ -103,25 +102,46 @@ def _parser() -> argparse.ArgumentParser:
         "--calib); options: skip=NODE (repeatable), min=N (smallest weight pruned), layers=gemm+matmul+conv, "
         "norm=l1|l2 (channel ranking), @NODE=F (one node's sparsity). E.g. magnitude:0.7,min=1024",
     )
-    b.add_argument(
-        "--entropy",
-        choices=["zstd", "ans"],
-        help="entropy-code the bundle's weights file: zstd (level, byte shuffle and dictionary chosen by "
-        "measurement) or ans (rANS, per-tensor histograms; needs constriction); also 'zstd' last in --passes",
-    )
-    fw = b.add_argument_group("firmware")
-    fw.add_argument("--emit", metavar="WHAT", default=None,
-                    help="extra outputs: firmware (static library of the model, C header, CMake package, Makefile "
-                    "fragment, weights blob and the TVM runtime libraries in <bundle>/firmware; built and run with "
-                    "the C example when the target's code runs here, natively or under qemu-user)")
-    fw.add_argument("--firmware-name", metavar="NAME",
-                    help="C name of the model in the firmware API (default: from the model file, e.g. digits_cnn)")
+    if not for_tune:
+        b.add_argument(
+            "--entropy",
+            choices=["zstd", "ans"],
+            help="entropy-code the bundle's weights file: zstd (level, byte shuffle and dictionary chosen by "
+            "measurement) or ans (rANS, per-tensor histograms; needs constriction); also 'zstd' last in --passes",
+        )
+        fw = b.add_argument_group("firmware")
+        fw.add_argument("--emit", metavar="WHAT", default=None,
+                        help="extra outputs: firmware (static library of the model, C header, CMake package, Makefile "
+                        "fragment, weights blob and the TVM runtime libraries in <bundle>/firmware; built and run with "
+                        "the C example when the target's code runs here, natively or under qemu-user)")
+        fw.add_argument("--firmware-name", metavar="NAME",
+                        help="C name of the model in the firmware API (default: from the model file, e.g. digits_cnn)")
     b.add_argument("--calib", metavar="NPZ", help="calibration inputs for data-aware passes (default: example's calib split)")
     b.add_argument("--accuracy-cosine", type=float, default=0.98, help="lossy passes: min cosine vs the original (default 0.98)")
     b.add_argument("--accuracy-top1", type=float, default=0.0, help="lossy passes: min top-1 agreement vs the original (default 0)")
-    b.add_argument("--config", metavar="TOML", help="read build options from a TOML file ([build] table; flags override)")
-    b.add_argument("-f", "--force", action="store_true", help="replace an existing output")
+    if not for_tune:
+        b.add_argument("--config", metavar="TOML", help="read build options from a TOML file ([build] table; flags override)")
+        b.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     _common(b)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgecomp", description="Compile ONNX models into verified edge-device bundles (TVM).")
+    parser.add_argument("--version", action="version", version=f"edgecomp {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="compile a model into a verified bundle")
+    _model_options(b)
+    b.add_argument("--db", metavar="DIR", help="compile with the schedules of a tuning database (edgecomp tune): no tuning runs")
+
+    tu = sub.add_parser("tune", help="MetaSchedule auto-tuning of the model's kernels into a database (build --db)")
+    _model_options(tu, for_tune=True)
+    tu.add_argument("--trials", type=int, default=64, help="trials the database should hold in all (default 64; "
+                    "a rerun after an interruption continues from the records there)")
+    tu.add_argument("--db", metavar="DIR", default="tuning-db", help="database folder (default tuning-db; one subfolder per target)")
+    tu.add_argument("--trials-per-task", type=int, metavar="N", help="cap per kernel (default: the scheduler decides)")
+    tu.add_argument("--tracker", metavar="HOST:PORT", help="time candidates on devices behind a TVM RPC tracker")
+    tu.add_argument("--rpc-key", metavar="KEY", help="the devices' key at the tracker")
 
     i = sub.add_parser("inspect", help="inputs/outputs, op histogram, parameters, FLOPs per layer")
     i.add_argument("model", nargs="?", help="ONNX model file")
@@ -175,10 +195,10 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _cmd_build(args: argparse.Namespace, progress) -> int:
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``edgecomp.build``/``tune`` that the shared options give."""
     import math
 
-    from edgecomp.api import build
     from edgecomp.importer import parse_input_shapes
     from edgecomp.numerics import Tolerance
     from edgecomp.passes.lowrank import LowRankConfig
@@ -193,12 +213,10 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
             data_aware=not args.no_data_aware,
             max_layer_error=args.max_layer_error,
         )
-    result = build(
-        args.model,
+    return dict(
         target=args.target,
         target_file=args.target_file,
         arch=args.arch,
-        output=args.output,
         example=args.example,
         input_shapes=parse_input_shapes(args.input_shape),
         passes=args.passes,
@@ -208,14 +226,46 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
         lowrank=lowrank,
         int8=_int8_config(args),
         prune=args.prune,
-        entropy=args.entropy,
         int8_arith=args.int8_arith,
-        emit=args.emit,
-        firmware_name=args.firmware_name,
         calib=args.calib,
         accuracy=Tolerance(atol=math.inf, rtol=0.0, min_cosine=args.accuracy_cosine, min_top1=args.accuracy_top1),
+    )
+
+
+def _cmd_tune(args: argparse.Namespace, progress) -> int:
+    from edgecomp.api import tune
+
+    report = tune(
+        args.model, db=args.db, trials=args.trials, trials_per_task=args.trials_per_task, tracker=args.tracker,
+        rpc_key=args.rpc_key, progress=progress, **_model_kwargs(args),
+    )
+    if args.json:
+        _print_json(report.to_json())
+        return 0
+    total = report.trials_before + report.trials_run
+    print(f"tuning database: {report.db} ({report.target}): {total} records, {report.tasks} kernel(s)")
+    if report.trials_run:
+        print(f"  this run: {report.trials_run} trials in {report.seconds:.0f} s ({report.runner}); "
+              f"before: {report.trials_before}")
+    else:
+        print(f"  nothing to do: it already held {report.trials_before} (asked for {report.trials_requested})")
+    print(f"  build with it: edgecomp build ... --target {report.target} --db {Path(report.db).parent}")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace, progress) -> int:
+    from edgecomp.api import build
+
+    result = build(
+        args.model,
+        output=args.output,
+        entropy=args.entropy,
+        emit=args.emit,
+        firmware_name=args.firmware_name,
+        db=args.db,
         force=args.force,
         progress=progress,
+        **_model_kwargs(args),
     )
     if args.json:
         _print_json(result.to_json())
@@ -234,6 +284,8 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
     if kern:
         how = kern["compile"]["what"] if kern["compiled"] else f"not compiled here: {kern['compile'].get('skipped')}"
         print(f"kernels: {kern['kernels']} {kern['language']} kernels in {kern['file']}; {how}")
+    if m.get("tuning"):
+        print(f"schedules: tuning database {m['tuning']['db']} ({m['tuning']['records']} records)")
     print(f"verified: {v['ran']}")
     for o in v["numerics"]["outputs"]:
         top1 = f", top-1 agreement {o['top1']:.3f}" if o.get("top1") is not None else ""
@@ -425,7 +477,7 @@ def _cmd_targets(args: argparse.Namespace, progress) -> int:
     return 0
 
 
-_COMMANDS = {"build": _cmd_build, "inspect": _cmd_inspect, "run": _cmd_run, "check": _cmd_check, "targets": _cmd_targets}
+_COMMANDS = {"build": _cmd_build, "tune": _cmd_tune, "inspect": _cmd_inspect, "run": _cmd_run, "check": _cmd_check, "targets": _cmd_targets}
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

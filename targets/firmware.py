@@ -287,6 +287,7 @@ def emit_firmware(
     int8_arith: bool = False,
     compress: bool = False,
     versions: dict[str, str] | None = None,
+    db: str | os.PathLike | None = None,
 ) -> FirmwareResult:
     """Write the firmware folder ``dest`` (which must not exist) for ``relax_model`` on ``target``.
 
@@ -319,7 +320,7 @@ def emit_firmware(
         "VERSION": "1.0",
     }
 
-    executable = compile_relax(relax_model, target, int8_arith=int8_arith, system_lib_prefix=prefix)
+    executable = compile_relax(relax_model, target, int8_arith=int8_arith, system_lib_prefix=prefix, db=db)
     dest.mkdir(parents=True)
     for sub in ("include", "lib", "weights", "src", f"lib/cmake/{name}"):
         (dest / sub).mkdir(parents=True, exist_ok=True)

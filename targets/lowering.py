@@ -22,7 +22,7 @@ from edgecomp.errors import InputError, UnsupportedModelError
 from edgecomp.targets.base import ELF_MACHINES, Target
 
 __all__ = [
-    "RelaxModel", "inline_small_constants", "unsupported_nodes", "to_relax", "relax_pipeline", "compile_relax",
+    "RelaxModel", "inline_small_constants", "unsupported_nodes", "to_relax", "relax_pipeline", "prepare_module", "compile_relax",
     "export_library", "elf_arch",
 ]
 
@@ -149,24 +149,14 @@ def relax_pipeline(target: Target):
     return relax.get_pipeline(target.default_pipeline)
 
 
-def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None, system_lib_prefix: str | None = None,
-                  db: str | os.PathLike | None = None):
-    """``tvm.compile`` for ``target`` with its default pipeline; returns the VM executable.
+def prepare_module(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None):
+    """The Relax module that is compiled (and tuned: a tuning database matches it structurally).
 
-    ``int8_arith=True`` first rewrites QDQ dequantize → matmul/conv2d sites into int8×int8 →
-    int32 arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms
-    folded for ``relax_model.params``, so the code is tied to those weights). ``None``/``False``
-    keep the dequantize → fp32 path.
-
-    ``db``: a MetaSchedule tuning database (``edgecomp tune``): its schedules are applied to the
-    raw module (:func:`edgecomp.targets.tuning.apply_database`) before the target's pipeline.
-
-    ``system_lib_prefix``: build a *system library* (``relax.build(..., system_lib=True)``) whose
-    objects register the model under this prefix in a statically linked program (firmware).
+    ``int8_arith=True`` rewrites QDQ dequantize → matmul/conv2d sites into int8×int8 → int32
+    arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms folded
+    for ``relax_model.params``, so the code is tied to those weights). GPU targets get C-safe
+    parameter names (their kernel source is C).
     """
-    import tvm
-    from tvm import relax
-
     mod = relax_model.mod
     if int8_arith:
         from edgecomp.targets.int8 import rewrite_int8
@@ -177,6 +167,26 @@ def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | No
         from edgecomp.targets.kernels import safe_param_names
 
         mod = safe_param_names(mod)  # kernel source is C: ONNX names like "0.weight" are not identifiers
+    return mod
+
+
+def compile_relax(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None, system_lib_prefix: str | None = None,
+                  db: str | os.PathLike | None = None):
+    """``tvm.compile`` for ``target`` with its default pipeline; returns the VM executable.
+
+    The module is :func:`prepare_module`'s (``int8_arith``: int8 arithmetic instead of
+    dequantize → fp32).
+
+    ``db``: a MetaSchedule tuning database (``edgecomp tune``): its schedules are applied to the
+    raw module (:func:`edgecomp.targets.tuning.apply_database`) before the target's pipeline.
+
+    ``system_lib_prefix``: build a *system library* (``relax.build(..., system_lib=True)``) whose
+    objects register the model under this prefix in a statically linked program (firmware).
+    """
+    import tvm
+    from tvm import relax
+
+    mod = prepare_module(relax_model, target, int8_arith)
     if db is not None:
         from edgecomp.targets.tuning import apply_database
 

@@ -31,13 +31,14 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from edgecomp.errors import DeviceError, InputError, UnsupportedModelError
 from edgecomp.targets.base import Target
 
-__all__ = ["TuneReport", "tune", "apply_database", "database_dir", "check_tracker"]
+__all__ = ["TuneReport", "tune", "apply_database", "database_dir", "check_tracker", "record_count"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,12 @@ def _stored_target(folder: Path):
     return tvm.target.Target(json.loads((folder / TARGET_FILE).read_text())["tuning_target"])
 
 
+def record_count(folder: Path) -> int:
+    """Tuning records in a target folder (one JSON line each)."""
+    path = folder / "database_tuning_record.json"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
 def _open(folder: Path):
     from tvm.s_tir import meta_schedule as ms
 
@@ -146,7 +153,9 @@ def _in_process_classes():
             results = []
             for inp in build_inputs:
                 try:
-                    lib = default_build(inp.mod, inp.target, None)
+                    with warnings.catch_warnings():  # default_build calls the deprecated tvm.build
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        lib = default_build(inp.mod, inp.target, None)
                     # one folder per candidate: MetaSchedule's default callback removes it after timing
                     path = Path(tempfile.mkdtemp(dir=self.work)) / "candidate.so"
                     lib.export_library(str(path))
@@ -190,10 +199,10 @@ def _in_process_classes():
                     self.best[task_id] = min(self.best.get(task_id, float("inf")), t)
             elapsed = time.monotonic() - self.t0
             eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-            best = sum(self.best.values()) * 1e3
+            best = sum(self.best.values()) * 1e6
             self.progress.update(
                 f"tuning: {self.before + self.done}/{self.before + self.total} trials, "
-                f"best kernels sum {best:.3f} ms over {len(self.best)} task(s), ETA {eta:.0f} s"
+                f"best kernels so far {best:.1f} us over {len(self.best)} task(s), ETA {eta:.0f} s"
             )
 
     return InProcessBuilder, InProcessRunner, Progress
@@ -215,6 +224,7 @@ def tune(
     db: str | os.PathLike,
     trials: int,
     *,
+    int8_arith: bool = False,
     trials_per_task: int | None = None,
     tracker: tuple[str, int] | None = None,
     rpc_key: str | None = None,
@@ -225,6 +235,7 @@ def tune(
 
     Local measurement (in-process) for targets that run on this machine; with ``tracker`` and
     ``rpc_key``, candidates are cross-built here and timed on the devices registered under the key.
+    The module tuned is the one ``compile_relax(relax_model, target, int8_arith)`` compiles.
     """
     import tvm
     from tvm import relax
@@ -246,10 +257,12 @@ def tune(
     database = _open(folder)
     before = len(database.get_all_tuning_records())
     left = trials - before
-    with tuning_target:
+    from edgecomp.targets.lowering import prepare_module
+
+    with tuning_target:  # what static_shape_tuning does before it tunes (apply_database repeats it)
         mod = tvm.transform.Sequential(
             [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")]
-        )(relax_model.mod)
+        )(prepare_module(relax_model, target, int8_arith))
     tasks = ms.relax_integration.extract_tasks(mod, tuning_target, {})
     t0 = time.monotonic()
     runner_name = "in-process (this machine)"
@@ -280,7 +293,7 @@ def tune(
         with progress.stage(f"tuning {len(tasks)} task(s) for {target.name}: {left} trials ({runner_name})"):
             ms.relax_integration.tune_relax(
                 mod, {}, tuning_target, str(folder), max_trials_global=left,
-                max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, max(8, left // max(1, len(tasks)))),
+                max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, max(4, left // max(1, len(tasks)))),  # every task gets a round
                 builder=builder, runner=runner, database=database, seed=seed,
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
             )

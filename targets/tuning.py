@@ -25,6 +25,7 @@ Facts this module is built on (measured here, see DESIGN.md):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -243,6 +244,9 @@ def tune(
 
     if trials < 1:
         raise InputError("--trials must be at least 1")
+    missing = [m for m in ("xgboost", "cloudpickle") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"tuning needs MetaSchedule's dependencies ({', '.join(missing)} missing): pip install 'edgecomp[tune]'")
     if tracker is None and not target.runs_on_this_machine:
         raise InputError(
             f"target {target.name} ({target.arch}) cannot be timed on this machine: tune on devices behind a TVM RPC "

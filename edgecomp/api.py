@@ -481,6 +481,7 @@ def tune(
     ``rpc_key`` times candidates on devices registered with a TVM RPC tracker.
     Returns a :class:`edgecomp.targets.tuning.TuneReport`.
     """
+    from edgecomp.targets.tuning import check_can_tune
     from edgecomp.targets.tuning import tune as ms_tune
 
     progress = progress or Progress(enabled=False)
@@ -491,8 +492,7 @@ def tune(
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InputError(f"--tracker {tracker!r}: expected HOST:PORT")
         where = (host.strip("[]"), int(port))
-    if trials < 1:
-        raise InputError("--trials must be at least 1")
+    check_can_tune(tgt, trials, where, rpc_key)  # bad requests and unreachable trackers fail before any work
     model_path, ex = _resolve_model(model, example)
     shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     if ex is not None:

@@ -39,7 +39,7 @@ from typing import Any
 from edgecomp.errors import DeviceError, InputError, UnsupportedModelError
 from edgecomp.targets.base import Target
 
-__all__ = ["TuneReport", "tune", "apply_database", "database_dir", "check_tracker", "record_count"]
+__all__ = ["TuneReport", "tune", "check_can_tune", "apply_database", "database_dir", "check_tracker", "record_count"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,24 @@ def check_tracker(host: str, port: int, key: str, timeout: float = 10.0) -> None
     check_tracker_key(host, port, key, timeout, f"tracker {host}:{port}")
 
 
+def check_can_tune(target: Target, trials: int, tracker: tuple[str, int] | None, rpc_key: str | None) -> None:
+    """Everything about a tuning request that can fail before any work, as one-line errors."""
+    if trials < 1:
+        raise InputError("--trials must be at least 1")
+    missing = [m for m in ("xgboost", "cloudpickle") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"tuning needs MetaSchedule's dependencies ({', '.join(missing)} missing): pip install 'edgecomp[tune]'")
+    if tracker is None and not target.runs_on_this_machine:
+        raise InputError(
+            f"target {target.name} ({target.arch}, {target.device}) cannot be timed on this machine: tune on devices "
+            f"behind a TVM RPC tracker (--tracker HOST:PORT --rpc-key KEY)"
+        )
+    if tracker is not None:
+        if not rpc_key:
+            raise InputError("--tracker needs --rpc-key (the key the devices registered under)")
+        check_tracker(tracker[0], tracker[1], rpc_key)
+
+
 def tune(
     relax_model: Any,
     target: Target,
@@ -242,20 +260,7 @@ def tune(
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    if trials < 1:
-        raise InputError("--trials must be at least 1")
-    missing = [m for m in ("xgboost", "cloudpickle") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise InputError(f"tuning needs MetaSchedule's dependencies ({', '.join(missing)} missing): pip install 'edgecomp[tune]'")
-    if tracker is None and not target.runs_on_this_machine:
-        raise InputError(
-            f"target {target.name} ({target.arch}) cannot be timed on this machine: tune on devices behind a TVM RPC "
-            f"tracker (--tracker HOST:PORT --rpc-key KEY)"
-        )
-    if tracker is not None:
-        if not rpc_key:
-            raise InputError("--tracker needs --rpc-key (the key the devices registered under)")
-        check_tracker(tracker[0], tracker[1], rpc_key)
+    check_can_tune(target, trials, tracker, rpc_key)
     folder = database_dir(db, target, create=True, remote=tracker is not None)
     tuning_target = _stored_target(folder)
     database = _open(folder)

@@ -13,23 +13,29 @@ Facts this module is built on (measured here, see DESIGN.md):
 - A database is applied to the *raw* imported module by
   ``relax.get_pipeline("static_shape_tuning", total_trials=0, work_dir=DB)``; a module that was
   already legalized and fused silently gets untuned code.
-- MetaSchedule's ``LocalBuilder``/``LocalRunner`` start worker processes that import TVM and its
-  tensor intrinsics for every batch (1–2.5 min a batch on 2 cores). For targets that run on this
-  machine, candidates are built and timed in this process instead (``InProcessBuilder`` /
-  ``InProcessRunner``): the same ``default_build`` and time evaluator, without the process
-  start-up. Devices behind a TVM RPC tracker are timed with MetaSchedule's ``RPCRunner``.
+- MetaSchedule's ``LocalBuilder`` starts new worker processes for every batch, and each imports
+  TVM and its tensor intrinsics (1–2.5 min a batch on 2 cores). Candidates are built in this
+  process instead (``InProcessBuilder``: the same ``default_build``, no start-up; building runs
+  no generated code). They are *timed* in MetaSchedule's ``LocalRunner``, whose worker process is
+  started once and reused: timing runs generated code on random inputs, which can crash (a MiniLM
+  ``take`` kernel given out-of-range random indices segfaulted when timed in-process), and a crash
+  must cost a worker restart, not the tuning run. Devices behind a TVM RPC tracker are timed with
+  MetaSchedule's ``RPCRunner``.
 - Records are only valid for the target they were measured on: each target gets its own folder
   with a ``target.json``; a database recorded for another target (or another CPU) is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import tempfile
 import time
 import warnings
@@ -136,21 +142,20 @@ def _open(folder: Path):
 
 
 def _in_process_classes():
-    """InProcessBuilder/InProcessRunner, defined lazily (they subclass TVM classes)."""
-    import tvm
+    """InProcessBuilder and the progress callback, defined lazily (they subclass TVM classes)."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
-    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
     from tvm.ir.utils import derived_object
 
     @derived_object
     class InProcessBuilder(ms.builder.PyBuilder):
-        def __init__(self, work: Path) -> None:
+        def __init__(self, work: Path, stop: threading.Event) -> None:
             super().__init__()
-            self.work = work
+            self.work, self.stop = work, stop
 
         def build(self, build_inputs):
+            if self.stop.is_set():  # Ctrl-C: do not start another batch
+                raise _Interrupted("tuning interrupted")
             results = []
             for inp in build_inputs:
                 try:
@@ -166,33 +171,17 @@ def _in_process_classes():
             return results
 
     @derived_object
-    class InProcessRunner(ms.runner.PyRunner):
-        def __init__(self, config) -> None:
-            super().__init__()
-            self.config = config
-
-        def run(self, runner_inputs):
-            futures = []
-            for inp in runner_inputs:
-                try:
-                    rt_mod = tvm.runtime.load_module(inp.artifact_path)
-                    dev = tvm.runtime.device(inp.device_type, 0)
-                    args = default_alloc_argument(dev, [a.as_json() for a in inp.args_info], 1)
-                    costs = run_evaluator_common(rt_mod, dev, self.config, args)
-                    futures.append(ms.runner.LocalRunnerFuture(res=costs, error_message=None))
-                except Exception as err:  # noqa: BLE001
-                    futures.append(ms.runner.LocalRunnerFuture(res=None, error_message=f"{type(err).__name__}: {str(err)[-300:]}"))
-            return futures
-
-    @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
-        def __init__(self, total: int, before: int, progress) -> None:
+        def __init__(self, total: int, before: int, progress, stop: threading.Event) -> None:
             super().__init__()
-            self.total, self.done, self.before, self.progress = total, 0, before, progress
+            self.total, self.done, self.before, self.progress, self.stop = total, 0, before, progress, stop
             self.t0 = time.monotonic()
             self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            # runs after MetaSchedule's own callbacks: this batch is in the database already
+            if self.stop.is_set():
+                raise _Interrupted("tuning interrupted")
             self.done += len(measure_candidates)
             for r in runner_results:
                 if r.run_secs:
@@ -206,7 +195,7 @@ def _in_process_classes():
                 f"best kernels so far {best:.1f} us over {len(self.best)} task(s), ETA {eta:.0f} s"
             )
 
-    return InProcessBuilder, InProcessRunner, Progress
+    return InProcessBuilder, Progress
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,6 +206,33 @@ def check_tracker(host: str, port: int, key: str, timeout: float = 10.0) -> None
     from edgecomp.targets.devices import check_tracker_key
 
     check_tracker_key(host, port, key, timeout, f"tracker {host}:{port}")
+
+
+class _Interrupted(Exception):
+    """Raised from the progress callback to end a tuning run after the batch in flight."""
+
+
+@contextlib.contextmanager
+def _sigint_stops(stop: threading.Event, progress):
+    """Ctrl-C ends tuning at the next step: before another batch is built, or after the batch being
+    measured is saved (a second Ctrl-C aborts at once). Ctrl-C inside TVM's C++ loop would otherwise surface as an anonymous
+    error from whatever callback it hit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        stop.set()
+        progress.note("interrupted: stopping at the end of this step (the records measured so far are kept); Ctrl-C again aborts now")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_can_tune(target: Target, trials: int, tracker: tuple[str, int] | None, rpc_key: str | None) -> None:
@@ -274,7 +290,7 @@ def tune(
         )(prepare_module(relax_model, target, int8_arith))
     tasks = ms.relax_integration.extract_tasks(mod, tuning_target, {})
     t0 = time.monotonic()
-    runner_name = "in-process (this machine)"
+    runner_name = "built in-process, timed in a worker process (this machine)"
     if left <= 0:
         log.info("tuning: %s already holds %d records (asked for %d): nothing to do", folder, before, trials)
         return TuneReport(str(folder), target.name, len(tasks), trials, before, 0, 0.0, "none (already tuned)")
@@ -283,23 +299,27 @@ def tune(
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     if ms_log.level == logging.NOTSET:
         ms_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
-    InProcessBuilder, InProcessRunner, ProgressCallback = _in_process_classes()
+    InProcessBuilder, ProgressCallback = _in_process_classes()
     from edgecomp.progress import Progress as _P
 
     progress = progress or _P(enabled=False)
     config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    stop = threading.Event()  # set by Ctrl-C (_sigint_stops)
     work = Path(tempfile.mkdtemp(prefix="edgecomp-tune-"))
     try:
         if tracker is None:
-            builder, runner = InProcessBuilder(work), InProcessRunner(config)
+            # Built here, timed in MetaSchedule's worker process (started once, reused): a candidate
+            # that crashes (measured: a MiniLM take() kernel fed random, out-of-range indices
+            # segfaulted when timed in-process) costs a worker restart, not the tuning run.
+            builder, runner = InProcessBuilder(work, stop), ms.runner.LocalRunner(evaluator_config=config, timeout_sec=120)
         else:
             rpc_config = ms.runner.RPCConfig(tracker_host=tracker[0], tracker_port=tracker[1], tracker_key=rpc_key,
                                              session_timeout_sec=120)
             builder = ms.builder.LocalBuilder(f_export=_cross_export(target)) if target.cross_compiler else ms.builder.LocalBuilder()
             runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config)
             runner_name = f"RPC tracker {tracker[0]}:{tracker[1]} key {rpc_key}"
-        callback = ProgressCallback(left, before, progress)
-        with progress.stage(f"tuning {len(tasks)} task(s) for {target.name}: {left} trials ({runner_name})"):
+        callback = ProgressCallback(left, before, progress, stop)
+        with progress.stage(f"tuning {len(tasks)} task(s) for {target.name}: {left} trials ({runner_name})"), _sigint_stops(stop, progress):
             ms.relax_integration.tune_relax(
                 mod, {}, tuning_target, str(folder), max_trials_global=left,
                 max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, max(4, left // max(1, len(tasks)))),  # every task gets a round
@@ -309,7 +329,10 @@ def tune(
     except (InputError, DeviceError):
         raise
     except Exception as err:  # noqa: BLE001
-        raise UnsupportedModelError(f"tuning for {target.name} failed: {str(err).strip().splitlines()[-1][:300]}") from err
+        if stop.is_set():  # Ctrl-C: the batches measured so far are in the database
+            raise KeyboardInterrupt from None
+        lines = str(err).strip().splitlines()
+        raise UnsupportedModelError(f"tuning for {target.name} failed: {(lines[-1] if lines else type(err).__name__)[:300]}") from err
     finally:
         shutil.rmtree(work, ignore_errors=True)
     after = len(_open(folder).get_all_tuning_records())

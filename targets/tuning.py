@@ -299,6 +299,10 @@ def tune(
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     if ms_log.level == logging.NOTSET:
         ms_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    # MetaSchedule's create_loggers re-lists this logger's handlers by name and fails on an
+    # unnamed one ("'NoneType' object has no attribute 'format'", seen in CI's pytest process).
+    for handler in [h for h in ms_log.handlers if h.get_name() is None]:
+        ms_log.removeHandler(handler)
     InProcessBuilder, ProgressCallback = _in_process_classes()
     from edgecomp.progress import Progress as _P
 

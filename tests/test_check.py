@@ -151,7 +151,9 @@ def test_local_pass(digits_host_bundle, cli, tmp_path):
     lat = r["latency"]
     assert lat["repeats"] == 10 and len(lat["times_ms"]) == 10 and lat["emulated"] is False and lat["threads"] >= 1
     assert 0 < lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"] < 1000
-    assert lat["number"] >= 1 and lat["number"] * lat["median_ms"] >= 4.0  # auto: one repeat spans ~5 ms
+    # auto: one repeat spans ~5 ms, sized from a calibration run; on a loaded machine calibration
+    # and measurement differ up to 2x (seen in CI: 13 calls x 0.30 ms)
+    assert lat["number"] >= 1 and lat["number"] * lat["median_ms"] >= 2.0
     assert c["memory.peak_rss"]["value"] > 50 * 2**20
     assert r["accuracy"]["samples"] == 8
     # the human table says the same

@@ -297,8 +297,8 @@ def tune(
     # MetaSchedule's console handler takes the level of its logger: keep stdout for our output
     # (--json); its full log still goes to DB/<target>/logs.
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_log.level == logging.NOTSET:
-        ms_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+    # (every run: MetaSchedule's own set-up leaves the logger at DEBUG for the next one)
+    ms_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
     # MetaSchedule's create_loggers re-lists this logger's handlers by name and fails on an
     # unnamed one ("'NoneType' object has no attribute 'format'", seen in CI's pytest process).
     for handler in [h for h in ms_log.handlers if h.get_name() is None]:

@@ -1,0 +1,539 @@
+"""What MetaSchedule tuning buys on the host CPU: ONNX Runtime fp32 against TVM untuned and TVM
+tuned, per model, in one process and one run.
+
+    python tools/bench_tune.py                     # digits-cnn, mobilenetv2, minilm (fetched into bench/cache)
+    python tools/bench_tune.py --quick             # digits-cnn only
+    python tools/bench_tune.py --trials mobilenetv2=192        # the budgets of bench/results/tune-2026-11-27 (28 min here)
+    python tools/bench_tune.py --quick --trials digits-cnn=8 --lowrank-trials 8 --out /tmp/bench-tune   # smoke test
+    python tools/bench_tune.py --report-only bench/results/tune-<date>.json
+
+Per model (batch 1, host target, inputs and reference from the model's eval split):
+
+1. ``ort``: ONNX Runtime on the original model (CPUExecutionProvider, ``ORT_ENABLE_ALL``,
+   ``intra_op_num_threads`` = the machine's cores, ``inter_op_num_threads`` = 1);
+2. ``untuned``: ``compile_relax(rm, host)``, what ``edgecomp build`` compiles without ``--db``;
+3. ``tuned``: ``tune(rm, host, db, trials)`` (``edgecomp.targets.tuning``'s builder and runner,
+   recorded per row; a fresh database in a temporary folder, removed at the end unless
+   ``--keep-db``), then ``compile_relax(rm, host, db=db)``.
+
+``rm`` is the Relax module of the graph ``edgecomp build`` compiles: the front half of the build
+(``edgecomp.api._front``: import, fixed shapes, the default cleanup passes, each checked against
+ONNX Runtime) then ``to_relax``. For digits-cnn the same untuned/tuned pair is measured for the
+low-rank graph (``--lowrank``, default ``erank:1.0``: the graph ``edgecomp build --lowrank
+erank:1.0`` compiles), tuned into its own database with ``--lowrank-trials``.
+
+Latency per call, one sample: TVM through ``relax.VirtualMachine(ex, tvm.cpu()).time_evaluator(
+"main", tvm.cpu(), number=N, repeat=R)`` with the sample and the params as arguments (each
+repeat is the mean of N calls); ONNX Runtime through the same scheme in Python: R blocks of N
+``session.run`` calls on the same sample, each block timed with ``time.perf_counter``. N is chosen
+per configuration so that a block lasts at least ``--block-ms``, and R (``--repeat``) is cut so
+that the blocks take about 20 s (at least 10 blocks); median and p10–p90 over the R blocks. TVM threads: TVM's default (its thread pool uses all cores; ``TVM_NUM_THREADS`` is
+removed from the environment), the core count MetaSchedule tunes for (``num-cores``).
+
+Numerics: the outputs of the untuned and the tuned code on ``--check-samples`` eval samples
+against ONNX Runtime on the same graph (max abs error), so a wrong schedule cannot pass as
+fast; for the low-rank rows also against the original model (the approximation error).
+
+Failed candidates (MetaSchedule records them with a run time of 1e10 s) and the workloads left
+without a valid record (they compile with the default schedule) are counted per row: MetaSchedule
+times candidates on random inputs, and MiniLM's ``take`` kernels read out of bounds with random
+int64 indices.
+
+Writes bench/results/tune-<date>.md and .json, rewritten after every model (``"complete": false``
+until the run ends); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MODELS = ("digits-cnn", "mobilenetv2", "minilm")
+DEFAULT_TRIALS = {"digits-cnn": 128, "mobilenetv2": 256, "minilm": 128}
+LOWRANK_MODELS = ("digits-cnn",)
+
+
+def _log(msg: str) -> None:
+    print(f"bench_tune: {msg}", file=sys.stderr, flush=True)
+
+
+def _stats(per_call_s: list[float], number: int) -> dict[str, Any]:
+    t = np.asarray(per_call_s, dtype=np.float64) * 1e3
+    return {
+        "median_ms": round(float(np.median(t)), 5),
+        "p10_ms": round(float(np.percentile(t, 10)), 5),
+        "p90_ms": round(float(np.percentile(t, 90)), 5),
+        "number": int(number),
+        "repeat": int(len(t)),
+    }
+
+
+def _plan(one_call_s: float, block_ms: float) -> int:
+    """Calls per timed block, so that a block lasts at least ``block_ms``."""
+    return max(1, math.ceil(block_ms / 1e3 / max(one_call_s, 1e-7)))
+
+
+MAX_TIMING_S = 20.0  # a configuration's timed blocks take at most about this long (at least MIN_REPEAT blocks)
+MIN_REPEAT = 10
+
+
+def _repeats(one_call_s: float, number: int, repeat: int) -> int:
+    return max(MIN_REPEAT, min(repeat, int(MAX_TIMING_S / max(one_call_s * number, 1e-9))))
+
+
+def _time_ort(sess, feed: dict[str, np.ndarray], block_ms: float, repeat: int) -> dict[str, Any]:
+    for _ in range(5):
+        sess.run(None, feed)
+    t0 = time.perf_counter()
+    sess.run(None, feed)
+    one = time.perf_counter() - t0
+    number = _plan(one, block_ms)
+    repeat = _repeats(one, number, repeat)
+    blocks = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            sess.run(None, feed)
+        blocks.append((time.perf_counter() - t0) / number)
+    return _stats(blocks, number)
+
+
+def _time_tvm(vm, args: list, block_ms: float, repeat: int) -> dict[str, Any]:
+    import tvm
+
+    dev = tvm.cpu()
+    for _ in range(3):
+        vm["main"](*args)
+    t0 = time.perf_counter()
+    vm["main"](*args)
+    one = time.perf_counter() - t0
+    number = _plan(one, block_ms)
+    repeat = _repeats(one, number, repeat)
+    res = vm.time_evaluator("main", dev, number=number, repeat=repeat)(*args)
+    return _stats([float(x) for x in res.results], number)
+
+
+def _ort_session(model, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def _max_abs(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> float:
+    worst = 0.0
+    for g_row, w_row in zip(got, want):
+        for g, w in zip(g_row, w_row):
+            worst = max(worst, float(np.max(np.abs(np.asarray(g, dtype=np.float64) - np.asarray(w, dtype=np.float64)))))
+    return worst
+
+
+def _db_health(folder: Path, names: Callable[[], dict[str, str]]) -> dict[str, Any]:
+    """Records in a tuning database, how many are failed candidates (run time 1e10 s, MetaSchedule's
+    mark for a build or run error), and how many workloads have no valid record."""
+    path = folder / "database_tuning_record.json"
+    records = failed = 0
+    valid: set[int] = set()
+    seen: set[int] = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            records += 1
+            workload, rec = json.loads(line)
+            seen.add(int(workload))
+            secs = [float(s) for s in (rec[1] or [])]
+            if not secs or min(secs) >= 1e9:
+                failed += 1
+            else:
+                valid.add(int(workload))
+    return {"records": records, "failed_candidates": failed, "workloads": len(seen),
+            "workloads_without_valid_record": len(seen - valid), "untuned_workloads": _name_workloads(folder, seen - valid, names)}
+
+
+def _name_workloads(folder: Path, indices: set[int], names: Callable[[], dict[str, str]]) -> list[str]:
+    """Task names of the database's workloads at ``indices`` (lines of its workload file)."""
+    if not indices:
+        return []
+    try:
+        lines = [ln for ln in (folder / "database_workload.json").read_text().splitlines() if ln.strip()]
+        table = names()
+        return [table.get(json.loads(lines[i])[0], f"workload {i}") for i in sorted(indices)]
+    except Exception as err:  # noqa: BLE001  (names are a detail; the count is the result)
+        return [f"? ({type(err).__name__}: {err})"[:120]]
+
+
+def _task_names(rm) -> dict[str, str]:
+    """Structural hash → task name of the tuning tasks of ``rm`` (extracted as ``tune`` does), to
+    name the workloads of a database (whose workload file keys them by that hash)."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgecomp.targets import get_target
+    from edgecomp.targets.lowering import prepare_module
+    from edgecomp.targets.tuning import _tuning_target
+
+    host = get_target("host")
+    target = tvm.target.Target(_tuning_target(host, False))
+    with target:
+        mod = tvm.transform.Sequential(
+            [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")]
+        )(prepare_module(rm, host, False))
+    return {str(tvm_ffi.structural_hash(t.dispatched[0])): t.task_name for t in ms.relax_integration.extract_tasks(mod, target, {})}
+
+
+class _Case:
+    """One compiled graph (dense or low rank) of one model: its Relax module and its reference."""
+
+    def __init__(self, label: str, graph, rm, in_specs, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
+        import tvm
+
+        self.label, self.graph, self.rm, self.in_specs, self.feeds = label, graph, rm, in_specs, feeds
+        self.sess = _ort_session(graph, threads)
+        self.reference = [self.sess.run(None, f) for f in feeds]
+        self.tparams = [tvm.runtime.tensor(p) for p in rm.params]
+
+    def args(self, feed: dict[str, np.ndarray]) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(np.ascontiguousarray(feed[s.name])) for s in self.in_specs] + self.tparams
+
+
+def _measure_exe(case: _Case, ex, block_ms: float, repeat: int) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+    import tvm
+    from tvm import relax
+
+    from edgecomp.bundle import _flatten
+
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    outputs = [[np.asarray(o) for o in _flatten(vm["main"](*case.args(f)))] for f in case.feeds]
+    latency = _time_tvm(vm, case.args(case.feeds[0]), block_ms, repeat)
+    return latency, outputs
+
+
+def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> dict[str, Any]:
+    from edgecomp.progress import Progress
+    from edgecomp.targets import get_target
+    from edgecomp.targets.lowering import compile_relax
+    from edgecomp.targets.tuning import tune
+
+    host = get_target("host")
+    row: dict[str, Any] = {"label": case.label}
+
+    _log(f"[{case.label}] compiling untuned ...")
+    t0 = time.perf_counter()
+    ex = compile_relax(case.rm, host)
+    row["untuned_compile_s"] = round(time.perf_counter() - t0, 2)
+    lat, out = _measure_exe(case, ex, args.block_ms, args.repeat)
+    row["untuned"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
+    if original_ref is not None:
+        row["untuned"]["max_abs_vs_original"] = _max_abs(out, original_ref)
+    _log(f"[{case.label}] untuned: {lat['median_ms']:.4f} ms (compile {row['untuned_compile_s']} s), "
+         f"max abs {row['untuned']['max_abs_vs_ort']:.2e}")
+    del ex
+
+    db = db_root / case.label
+    _log(f"[{case.label}] tuning: {trials} trials into {db} ...")
+    # MetaSchedule's dictConfig leaves its logger at DEBUG after a tuning run, and its console handler
+    # (stdout) takes that level on the next run in this process: reset it so the log stays in DB/logs.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    report = tune(case.rm, host, db, trials, progress=Progress(enabled=True))
+    wall = time.perf_counter() - t0
+    row["tuning"] = {**report.to_json(), "wall_s": round(wall, 1), **_db_health(Path(report.db), lambda: _task_names(case.rm))}
+    _log(f"[{case.label}] tuned: {report.trials_run} trials over {report.tasks} task(s) in {wall:.0f} s "
+         f"({row['tuning']['failed_candidates']} failed candidate(s), "
+         f"{row['tuning']['workloads_without_valid_record']} workload(s) without a valid record)")
+    t0 = time.perf_counter()
+    ex = compile_relax(case.rm, host, db=db)
+    row["tuned_compile_s"] = round(time.perf_counter() - t0, 2)
+    lat, out = _measure_exe(case, ex, args.block_ms, args.repeat)
+    row["tuned"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
+    if original_ref is not None:
+        row["tuned"]["max_abs_vs_original"] = _max_abs(out, original_ref)
+    _log(f"[{case.label}] tuned: {lat['median_ms']:.4f} ms, max abs {row['tuned']['max_abs_vs_ort']:.2e}")
+    return row
+
+
+def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None):
+    """The graph ``edgecomp build`` compiles (and its input specs, pass records)."""
+    from edgecomp.api import _front as build_front
+    from edgecomp.numerics import Tolerance
+    from edgecomp.progress import Progress
+
+    fr = build_front(assets.onnx, None, shapes, assets.eval, 8, assets.calib, lowrank, None, None, None, None,
+                     False, Tolerance(), None, Progress(enabled=False))
+    return fr
+
+
+def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -> dict[str, Any]:
+    from edgecomp.bench.models import fetch
+    from edgecomp.targets.lowering import to_relax
+
+    threads = os.cpu_count() or 1
+    assets = fetch(name, quiet=True)
+    shapes = {i["name"]: tuple(i["shape"]) for i in assets.meta["inputs"]}
+    arrays = assets.arrays("eval")
+    count = min(args.check_samples, len(arrays[next(iter(shapes))]))
+    feeds = [{k: arrays[k][i] for k in shapes} for i in range(count)]
+
+    result: dict[str, Any] = {"model": name, "inputs": {k: list(v) for k, v in shapes.items()}, "check_samples": count}
+    sess = _ort_session(assets.onnx, threads)
+    original_ref = [sess.run(None, f) for f in feeds]
+    result["ort"] = {**_time_ort(sess, feeds[0], args.block_ms, args.repeat), "threads": threads,
+                     "graph_optimization_level": "ORT_ENABLE_ALL"}
+    _log(f"[{name}] ORT fp32: {result['ort']['median_ms']:.4f} ms")
+    del sess
+
+    rows = []
+    variants = [(name, None, trials)]
+    if name in LOWRANK_MODELS and args.lowrank and lowrank_trials > 0:
+        variants.append((f"{name}-lowrank", args.lowrank, lowrank_trials))
+    for label, lowrank, n in variants:
+        try:
+            fr = _front(assets, shapes, lowrank)
+            rm = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
+            case = _Case(label, fr.final, rm, fr.in_specs, feeds, threads)
+            row = _run_case(case, n, db_root, args, original_ref if lowrank else None)
+            row["lowrank"] = lowrank
+            row["params"] = int(sum(p.size for p in rm.params))
+            if lowrank:
+                row["ort_same_graph"] = _time_ort(case.sess, feeds[0], args.block_ms, args.repeat)
+                row["passes"] = [{"name": r.name, "params": list(r.params), "stats": r.stats} for r in fr.records if r.lossy]
+        except Exception as err:  # noqa: BLE001  (a failed variant is a row, not the end of the run)
+            import traceback
+
+            traceback.print_exc()
+            row = {"label": label, "lowrank": lowrank, "error": f"{type(err).__name__}: {err}"[:300]}
+        rows.append(row)
+    result["rows"] = rows
+    return result
+
+
+def _fmt(lat: dict[str, Any]) -> str:
+    return f"{lat['median_ms']:.3f} ({lat['p10_ms']:.3f}–{lat['p90_ms']:.3f})"
+
+
+def _runners(doc: dict[str, Any]) -> str:
+    names = sorted({row["tuning"]["runner"] for r in doc["results"] for row in r.get("rows", []) if "tuning" in row})
+    return " / ".join(names) or "?"
+
+
+def _report(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [
+        f"# MetaSchedule tuning vs ONNX Runtime, {doc['date']}", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; host target. Command: `{doc['command']}`; "
+        f"wall time {doc['wall_s']:.0f} s, of which {doc.get('warm_up_s')} s warm-up (one compile and a 1-trial tuning run "
+        "of digits-cnn into a throwaway database: the process's one-time TVM/MetaSchedule start-up, not charged to any row).",
+        f"Threads: ONNX Runtime `intra_op_num_threads={doc['ort_threads']}` (`ORT_ENABLE_ALL`, CPUExecutionProvider); "
+        f"TVM its default thread pool ({doc['tvm_threads']}), the `num-cores` MetaSchedule tunes for.",
+        "Latency per call, batch 1, one eval sample: median (p10–p90) over `repeat` blocks of `number` calls "
+        "(TVM: `VirtualMachine.time_evaluator(\"main\")`; ORT: `session.run` in a `perf_counter`-timed loop, same scheme). "
+        f"Tuning: `edgecomp.targets.tuning.tune`, candidates {_runners(doc)}; a fresh database per row; trials = run / budget. "
+        f"max abs err: the tuned code's outputs vs ONNX Runtime on the same graph, {doc['check_samples']} eval samples.",
+    ]
+    if doc.get("int_args"):
+        lines.append(f"Integer arguments of measured candidates: {doc['int_args']}.")
+    if not doc.get("complete", True):
+        lines += ["", "**Incomplete: the run stopped (or is still running) after the models below.**"]
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}"]
+    lines += [
+        "",
+        "| model | ORT fp32 ms | TVM untuned ms | TVM tuned ms (trials, tuning s) | tuned/ORT | untuned/tuned | max abs err |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | FAILED: {r['error']} | | | | | |")
+            continue
+        ort = r["ort"]
+        for row in r["rows"]:
+            label = row["label"] if not row.get("lowrank") else f"{r['model']} low rank ({row['lowrank']})"
+            if "error" in row:
+                lines.append(f"| {label} | {_fmt(ort)} | FAILED: {row['error']} | | | | |")
+                continue
+            u, t, tu = row["untuned"], row["tuned"], row["tuning"]
+            lines.append(
+                f"| {label} | {_fmt(ort)} | {_fmt(u)} | {_fmt(t)} ({tu['trials_run']}/{tu['trials_requested']}, "
+                f"{tu['wall_s']:.0f} s) | {t['median_ms'] / ort['median_ms']:.2f} | {u['median_ms'] / t['median_ms']:.2f} | "
+                f"{t['max_abs_vs_ort']:.1e} |"
+            )
+    lines += ["", "Details:", ""]
+    for r in doc["results"]:
+        if "error" in r:
+            continue
+        for row in r["rows"]:
+            if "error" in row:
+                continue
+            tu = row["tuning"]
+            extra = ""
+            if row.get("lowrank"):
+                extra = (f"; ORT on the low-rank graph {_fmt(row['ort_same_graph'])} ms; max abs vs the original model: "
+                         f"untuned {row['untuned']['max_abs_vs_original']:.2e}, tuned {row['tuned']['max_abs_vs_original']:.2e}")
+            lines.append(
+                f"- {row['label']}: {row['params']:,} params; {tu['tasks']} task(s) ({tu['workloads']} with records), {tu['trials_run']} trials "
+                f"(budget {tu['trials_requested']}) in {tu['wall_s']:.0f} s, {tu['failed_candidates']} failed candidate(s), "
+                f"{tu['workloads_without_valid_record']} workload(s) without a valid record"
+                + (f" ({', '.join(tu['untuned_workloads'])})" if tu.get("untuned_workloads") else "")
+                + "; compile untuned "
+                f"{row['untuned_compile_s']} s, tuned {row['tuned_compile_s']} s; untuned max abs {row['untuned']['max_abs_vs_ort']:.1e}"
+                f"; timing number×repeat ORT {r['ort']['number']}×{r['ort']['repeat']}, untuned "
+                f"{row['untuned']['number']}×{row['untuned']['repeat']}, tuned {row['tuned']['number']}×{row['tuned']['repeat']}{extra}"
+            )
+    dense = {r["model"]: next((x for x in r["rows"] if not x.get("lowrank") and "error" not in x), None)
+             for r in doc["results"] if "error" not in r}
+    for r in doc["results"]:
+        if "error" in r:
+            continue
+        for row in r["rows"]:
+            d = dense.get(r["model"])
+            if row.get("lowrank") and "error" not in row and d is not None:
+                lines.append(
+                    f"- {r['model']}: low rank vs dense, untuned {row['untuned']['median_ms']:.3f} vs "
+                    f"{d['untuned']['median_ms']:.3f} ms ({row['untuned']['median_ms'] / d['untuned']['median_ms']:.2f}×), "
+                    f"tuned {row['tuned']['median_ms']:.3f} vs {d['tuned']['median_ms']:.3f} ms "
+                    f"({row['tuned']['median_ms'] / d['tuned']['median_ms']:.2f}×)"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def _warm_up(db: Path) -> float:
+    """One compile and a 1-trial tuning run of digits-cnn into a throwaway database: the process's
+    one-time costs (TVM and MetaSchedule start-up, xgboost, tensor intrinsics) are charged here,
+    not to the first model's compile or tuning time."""
+    from edgecomp.bench.models import fetch
+    from edgecomp.targets import get_target
+    from edgecomp.targets.lowering import compile_relax, to_relax
+    from edgecomp.targets.tuning import tune
+
+    t0 = time.perf_counter()
+    assets = fetch("digits-cnn", quiet=True)
+    shapes = {i["name"]: tuple(i["shape"]) for i in assets.meta["inputs"]}
+    fr = _front(assets, shapes, None)
+    rm = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
+    compile_relax(rm, get_target("host"))
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    tune(rm, get_target("host"), db, 1)
+    return time.perf_counter() - t0
+
+
+def _parse_trials(text: str | None) -> dict[str, int]:
+    out = dict(DEFAULT_TRIALS)
+    for item in (text or "").split(","):
+        if item.strip():
+            k, _, v = item.partition("=")
+            out[k.strip()] = int(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="digits-cnn only")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--trials", default=None, metavar="MODEL=N,...",
+                    help="trial budget per model (default " + ",".join(f"{k}={v}" for k, v in DEFAULT_TRIALS.items()) + ")")
+    ap.add_argument("--lowrank", default="erank:1.0", help="low-rank policy of the extra digits-cnn rows ('' = none)")
+    ap.add_argument("--lowrank-trials", type=int, default=None, help="trial budget of the low-rank graph (default: the model's)")
+    ap.add_argument("--repeat", type=int, default=30, help="timed blocks per configuration (default 30)")
+    ap.add_argument("--block-ms", type=float, default=50.0, help="minimum length of a timed block (default 50 ms)")
+    ap.add_argument("--check-samples", type=int, default=8, help="eval samples the numerics are checked on (default 8)")
+    ap.add_argument("--db", default=None, help="root of the tuning databases (default: a temporary folder)")
+    ap.add_argument("--keep-db", action="store_true", help="keep the temporary databases")
+    ap.add_argument("--note", default=None, help="a line for the report (e.g. conditions of the run)")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--report-only", metavar="JSON")
+    args = ap.parse_args(argv)
+    tvm_threads_env = os.environ.pop("TVM_NUM_THREADS", None)  # TVM's default: all cores
+    from edgecomp.bench.report import write_atomic
+    from edgecomp.bench.runner import _machine
+
+    if args.report_only:
+        doc = json.loads(Path(args.report_only).read_text())
+        write_atomic(Path(args.report_only).with_suffix(".md"), _report(doc))
+        return 0
+    models = ["digits-cnn"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    trials = _parse_trials(args.trials)
+    t_start = time.perf_counter()
+    own_db = args.db is None
+    db_root = Path(tempfile.mkdtemp(prefix="edgecomp-bench-tune-db-")) if own_db else Path(args.db)
+    _log(f"models {', '.join(models)}; trials {', '.join(f'{m}={trials.get(m, 64)}' for m in models)}; databases in {db_root}")
+    results: list[dict[str, Any]] = []
+    warm_up = None
+    date = datetime.date.today().isoformat()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def document(complete: bool) -> dict[str, Any]:
+        return {
+            "date": date,
+            "command": "python tools/bench_tune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": _machine(),
+            "complete": complete,
+            "wall_s": round(time.perf_counter() - t_start, 1),
+            "ort_threads": os.cpu_count() or 1,
+            "tvm_threads": "default: all cores" + (f"; TVM_NUM_THREADS={tvm_threads_env} was unset" if tvm_threads_env else ""),
+            "check_samples": args.check_samples,
+            "warm_up_s": None if warm_up is None else round(warm_up, 1),
+            "trials": {m: trials.get(m, 64) for m in models},
+            "lowrank_trials": args.lowrank_trials,
+            "note": args.note,
+            "results": results,
+        }
+
+    def write(complete: bool) -> dict[str, Any]:
+        doc = document(complete)  # after every model: a crash (a segfaulting candidate) keeps the rows done
+        write_atomic(out / f"tune-{date}.json", json.dumps(doc, indent=2) + "\n")
+        write_atomic(out / f"tune-{date}.md", _report(doc))
+        return doc
+
+    try:
+        warm_up = _warm_up(db_root / "warm-up")
+        _log(f"warm-up (TVM compile and MetaSchedule's first tuning run in this process): {warm_up:.0f} s")
+        for name in models:
+            n = trials.get(name, 64)
+            lr = args.lowrank_trials if args.lowrank_trials is not None else n
+            _log(f"{name} ...")
+            t0 = time.perf_counter()
+            try:
+                results.append(_measure(name, n, lr, db_root, args))
+            except Exception as err:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                results.append({"model": name, "error": f"{type(err).__name__}: {err}"[:300]})
+            _log(f"{name} done ({time.perf_counter() - t0:.0f} s; run so far {time.perf_counter() - t_start:.0f} s)")
+            write(complete=False)
+    finally:
+        if own_db and not args.keep_db:
+            shutil.rmtree(db_root, ignore_errors=True)
+    doc = write(complete=True)
+    print(_report(doc))
+    ok = all("error" not in r and all("error" not in x for x in r["rows"]) for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -87,6 +87,16 @@ class BuildResult:
         }
 
 
+def _model_and_shapes(model, example: str | None, input_shapes) -> tuple[Path, Example | None, dict[str, tuple[int, ...]]]:
+    """The model file, its example record (if any) and the input shapes to fix (the example's,
+    overridden by the user's)."""
+    model_path, ex = _resolve_model(model, example)
+    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    if ex is not None:
+        shapes = {**ex.input_shapes, **shapes}
+    return model_path, ex, shapes
+
+
 def _resolve_model(model: str | os.PathLike | None, example: str | None) -> tuple[Path, Example | None]:
     if example is not None:
         if model is not None:
@@ -288,10 +298,7 @@ def build(
     """
     progress = progress or Progress(enabled=False)
     tgt = resolve_target(target, target_file=target_file, arch=arch)
-    model_path, ex = _resolve_model(model, example)
-    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-    if ex is not None:
-        shapes = {**ex.input_shapes, **shapes}
+    model_path, ex, shapes = _model_and_shapes(model, example, input_shapes)
     if num_samples < 1:
         raise InputError("--samples must be at least 1")
     out = Path(output) if output is not None else Path(f"{model_path.stem}-{tgt.name}")
@@ -493,10 +500,7 @@ def tune(
             raise InputError(f"--tracker {tracker!r}: expected HOST:PORT")
         where = (host.strip("[]"), int(port))
     check_can_tune(tgt, trials, where, rpc_key)  # bad requests and unreachable trackers fail before any work
-    model_path, ex = _resolve_model(model, example)
-    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-    if ex is not None:
-        shapes = {**ex.input_shapes, **shapes}
+    model_path, ex, shapes = _model_and_shapes(model, example, input_shapes)
     fr = _front(model_path, ex, shapes, reference_inputs, num_samples, calib, lowrank, int8, prune, passes, None,
                 int8_arith, tolerance, accuracy, progress)
     with progress.stage("importing into TVM Relax"):
@@ -648,10 +652,7 @@ def inspect_model(
     input_shapes: dict[str, Sequence[int]] | None = None,
 ) -> ModelSummary:
     """Summarize an ONNX model: I/O, op histogram, parameters, per-layer MACs/FLOPs."""
-    model_path, ex = _resolve_model(model, example)
-    shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
-    if ex is not None:
-        shapes = {**ex.input_shapes, **shapes}
+    model_path, ex, shapes = _model_and_shapes(model, example, input_shapes)
     return summarize(load_onnx(model_path), shapes)
 
 

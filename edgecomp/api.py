@@ -213,9 +213,14 @@ def _front(model_path: Path, ex, shapes, reference_inputs, num_samples, calib, l
     pass_list = make_passes(passes, ctx)
     lossy = any(is_lossy(p) for _, p in pass_list)
     accuracy = accuracy or (DEFAULT_ACCURACY if lossy else tolerance)
-    final, records, final_reference = run_pipeline(
-        fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress
-    )
+    try:
+        final, records, final_reference = run_pipeline(
+            fixed, pass_list, samples, reference, out_names, tolerance, accuracy, progress
+        )
+    except NumericsError as err:
+        if lossy and sample_source.startswith("random"):  # a lossy pass judged on noise, not on data
+            raise NumericsError(f"{err} (checked on random inputs: give real ones with --reference-inputs NPZ)") from err
+        raise
 
     return _Front(original, in_specs, out_names, samples, sample_source, calib_samples, calib_source, reference,
                   final, records, final_reference, entropy, lossy, accuracy)

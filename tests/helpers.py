@@ -120,3 +120,17 @@ def npz_keys(path: Path) -> list[str]:
 
 def listdir(path: Path) -> list[str]:
     return sorted(os.listdir(path))
+
+
+def need_torch():
+    """Import torch for the training tests: skipped where torch (an optional extra) is missing,
+    a failure when ``EDGECOMP_REQUIRE_TORCH=1`` (CI installs it, so a skip there hides a bug)."""
+    import pytest
+
+    try:
+        import torch
+    except ImportError as err:
+        if os.environ.get("EDGECOMP_REQUIRE_TORCH") == "1":
+            pytest.fail(f"EDGECOMP_REQUIRE_TORCH=1 but torch is not importable: {err}")
+        pytest.skip("torch is not installed (pip install -e '.[train]')", allow_module_level=True)
+    return torch

@@ -32,37 +32,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
+from edgecomp.train.data import N_CALIB, SPLIT_SEED, digits_model, load_digits_splits
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SPLIT_SEED = 0
-N_CALIB = 256
 OPSET = 17
-
-
-def load_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Return {"train","calib","test"} -> (x [N,1,8,8] float32, y [N] int64)."""
-    d = load_digits()
-    x = (d.data.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
-    y = d.target.astype(np.int64)
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=SPLIT_SEED)
-    x_train, x_calib, y_train, y_calib = train_test_split(
-        x_rest, y_rest, test_size=N_CALIB, stratify=y_rest, random_state=SPLIT_SEED)
-    return {"train": (x_train, y_train), "calib": (x_calib, y_calib), "test": (x_test, y_test)}
-
-
-def build_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2),  # -> 32x4x4
-        nn.Flatten(),
-        nn.Linear(512, 64), nn.ReLU(),
-        nn.Linear(64, 10),
-    )
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> None:
@@ -122,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
 
-    splits = load_splits()
-    model = build_model()
+    splits = load_digits_splits()
+    model = digits_model()
     train(model, *splits["train"], epochs=args.epochs, seed=args.seed)
 
     x_test, y_test = splits["test"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from helpers import need_torch  # noqa: E402
+
+torch = need_torch()
 pytest.importorskip("sklearn")
 
 from torch.nn import functional as F  # noqa: E402

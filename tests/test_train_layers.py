@@ -18,9 +18,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import numpy_helper
 
-torch = pytest.importorskip("torch")
+from helpers import need_torch  # noqa: E402
+
+torch = need_torch()
 from torch import nn  # noqa: E402
 
 import edgecomp  # noqa: E402
@@ -30,7 +31,7 @@ from edgecomp.numerics import run_ort  # noqa: E402
 from edgecomp.passes import lowrank_conv, lowrank_gemm, tensor_train  # noqa: E402,F401  (register factorizers)
 from edgecomp.passes.lowrank import LowRank, LowRankConfig  # noqa: E402
 from edgecomp.passes.rank_selection import parse_policy  # noqa: E402
-from edgecomp.train.data import digits_model  # noqa: E402
+from edgecomp.train.data import trained_digits_model  # noqa: E402
 from edgecomp.train.factorize import factorize  # noqa: E402
 from edgecomp.train.layers import (  # noqa: E402
     CPConv2d, LowRankLinear, SpatialConv2d, SVDConv2d, TTLinear, Tucker2Conv2d, conv_decomposition,
@@ -93,13 +94,7 @@ def cp_conv(cout: int, cin: int, rank: int) -> nn.Conv2d:
     return conv
 
 
-def trained_digits() -> nn.Module:
-    """digits_model() with the shipped example's weights (initializers in state_dict order)."""
-    proto = onnx.load(str(get_example("digits").model_path))
-    model = digits_model()
-    arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer]
-    model.load_state_dict({k: torch.from_numpy(a.copy()) for k, a in zip(model.state_dict(), arrays)})
-    return model.eval()
+trained_digits = trained_digits_model
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

@@ -27,7 +27,7 @@ from edgecomp.passes.rank_selection import effective_rank as pass_effective_rank
 from edgecomp.train import regularize as R  # noqa: E402
 from edgecomp.train.common import TrainLog, fit  # noqa: E402
 from edgecomp.train.compress_aware import Recipe, accuracy, as_tensors, export_onnx, train_compressed  # noqa: E402
-from edgecomp.train.data import digits_model, load_digits_splits, trained_digits_model  # noqa: E402
+from edgecomp.train.data import load_digits_splits, trained_digits_model  # noqa: E402
 from edgecomp.train.layers import LowRankLinear  # noqa: E402
 
 torch.set_num_threads(1)

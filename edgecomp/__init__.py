@@ -14,11 +14,21 @@ from edgecomp.numerics import Tolerance
 
 __version__ = "0.1.0"
 
+
+def finetune(compressed, teacher, data, **kwargs):
+    """Distil a compressed ONNX model from the original on unlabelled inputs (needs torch: the
+    ``train`` extra). See :func:`edgecomp.train.distill.finetune`."""
+    from edgecomp.train.distill import finetune as _finetune
+
+    return _finetune(compressed, teacher, data, **kwargs)
+
+
 __all__ = [
     "build",
     "inspect_model",
     "run_bundle",
     "check",
+    "finetune",
     "load_bundle",
     "Bundle",
     "BuildResult",

@@ -273,7 +273,9 @@ def build(
         calib: calibration inputs (``.npz`` or dict, same format as ``reference_inputs``) for
             data-aware passes; default: the example's calibration split, else none.
         int8: post-training int8 quantization (QDQ): a calibration method with an optional
-            budget (``"minmax"``, ``"entropy:budget:top1=0.97"``) or a ``QuantizeConfig``.
+            budget (``"minmax"``, ``"entropy:budget:top1=0.97"``) or a ``QuantizeConfig`` (its
+            ``weights="gptq"`` rounds the weights data-aware on ``calib``; ``weight_bits`` /
+            ``layer_bits`` narrow the grid, ``parse_int8_weights("gptq:@NODE=6")`` gives them).
         prune: pruning, a spec ``METHOD:TARGET[,OPTION...]`` or a ``PruneConfig``:
             ``"magnitude:0.5"`` (zero half of each layer's weights, smallest ``|w|``),
             ``"magnitude:global:0.7"`` (one threshold over all layers), ``"nm:2:4"`` (2 of every 4

@@ -91,6 +91,9 @@ def _model_options(b: argparse.ArgumentParser, for_tune: bool = False) -> None:
     q.add_argument("--int8-ops", default="Conv,MatMul,Gemm", help="ops to quantize (default Conv,MatMul,Gemm; add Gather for embeddings)")
     q.add_argument("--int8-activations", choices=["int8", "uint8", "none"], default="int8",
                    help="activation type (default int8); none: weight-only int8 (float activations, no calibration)")
+    q.add_argument("--int8-weights", metavar="ROUNDING", default="rtn",
+                   help="weight rounding: rtn (round to nearest, default) | gptq (data-aware, minimises each layer's "
+                   "output error on --calib); optional :bits=B and :@NODE=B (grid of 2..8 bits, weight-only)")
     pr = b.add_argument_group("pruning")
     pr.add_argument(
         "--prune",
@@ -177,6 +180,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--connect-timeout", type=float, help="seconds to reach the device (default 20)")
     c.add_argument("--timeout", type=float, help="seconds the whole device session may take (default 600)")
     _common(c)
+
+    ft = sub.add_parser("finetune", help="recover accuracy of a compressed model by distillation from the original "
+                        "(no labels; needs torch: pip install -e '.[train]')")
+    ft.add_argument("model", help="the compressed ONNX model to train (float: low rank, pruned, ...)")
+    ft.add_argument("--teacher", required=True, metavar="ONNX", help="the original model (same inputs and outputs)")
+    ft.add_argument("--data", required=True, metavar="NPZ", help="unlabelled inputs, one array per input name (a stack of samples)")
+    ft.add_argument("-o", "--output", required=True, help="the trained ONNX model (never one of the inputs)")
+    ft.add_argument("--epochs", type=int, default=5, help="passes over the data (default 5)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    ft.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+    ft.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed (default 0)")
+    ft.add_argument("--loss", choices=["auto", "mse", "kl"], default="auto",
+                    help="auto (default): kl with --temperature on logits, mse on other outputs (embeddings); "
+                    "or mse / kl everywhere it applies")
+    ft.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of --loss kl (default 4)")
+    ft.add_argument("--eval", metavar="NPZ", help="held-out inputs (optional 'label' array): metric after every epoch")
+    ft.add_argument("--log", metavar="JSONL", help="append one JSON object per epoch to this file")
+    ft.add_argument("--train", choices=["all", "changed"], default="all",
+                    help="weights to train: all (default) or changed (only those that differ from the teacher's: "
+                    "low-rank factors, pruned tensors)")
+    ft.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: torch's)")
+    _common(ft)
 
     t = sub.add_parser("targets", help="list registered targets and their TVM target dicts")
     t.add_argument("--target-file", metavar="TOML", help="check a target file and list it too")
@@ -325,13 +350,14 @@ def _cmd_build(args: argparse.Namespace, progress) -> int:
 def _int8_config(args: argparse.Namespace):
     import dataclasses
 
-    from edgecomp.passes.quantize_int8 import parse_int8
+    from edgecomp.passes.quantize_int8 import parse_int8, parse_int8_weights
 
     if not args.int8:
         return None
     keep = tuple(n.strip() for n in args.int8_keep_float.split(",") if n.strip())
     ops = tuple(o.strip() for o in args.int8_ops.split(",") if o.strip())
-    return dataclasses.replace(parse_int8(args.int8), keep_float=keep, activations=args.int8_activations, op_types=ops)
+    return dataclasses.replace(parse_int8(args.int8), keep_float=keep, activations=args.int8_activations, op_types=ops,
+                               **parse_int8_weights(args.int8_weights))
 
 
 def _cmd_inspect(args: argparse.Namespace, progress) -> int:
@@ -477,7 +503,42 @@ def _cmd_targets(args: argparse.Namespace, progress) -> int:
     return 0
 
 
-_COMMANDS = {"build": _cmd_build, "tune": _cmd_tune, "inspect": _cmd_inspect, "run": _cmd_run, "check": _cmd_check, "targets": _cmd_targets}
+def _cmd_finetune(args: argparse.Namespace, progress) -> int:
+    from edgecomp.errors import InputError
+    from edgecomp.train.common import require_torch
+
+    for path, what in ((args.model, "model"), (args.teacher, "teacher model"), (args.data, "data"), (args.eval, "eval data")):
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"{what} file not found: {path}")
+    require_torch()
+    from edgecomp.train.distill import check_output, finetune
+
+    check_output(args.output, [args.model, args.teacher, args.data, args.eval])
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with progress.stage(f"distilling {Path(args.model).name} from {Path(args.teacher).name} ({args.epochs} epochs)"):
+        result = finetune(
+            args.model, args.teacher, args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            seed=args.seed, eval_data=args.eval, log=args.log, output=args.output, loss=args.loss,
+            temperature=args.temperature, threads=args.threads, train=args.train, quiet=args.quiet,
+        )
+    if args.json:
+        _print_json(result.to_json())
+        return 0
+    s = result.settings
+    print(f"trained: {result.output}  ({s['samples']} samples, {len(result.epochs)} epochs, {result.seconds:.1f} s)")
+    print(f"  distillation loss ({', '.join(f'{k} {n}' for n, k in result.losses.items())}) on the data: {result.train_loss_before:.6g} → {result.train_loss_after:.6g}")
+    for key in result.after:
+        print(f"  eval {key}: {result.before[key]:.4f} → {result.after[key]:.4f} (ONNX Runtime, {s['eval_samples']} samples)")
+    if result.pruned_weights:
+        print(f"  {result.pruned_weights} pruned weight(s) kept their zeros")
+    return 0
+
+
+_COMMANDS = {"build": _cmd_build, "tune": _cmd_tune, "inspect": _cmd_inspect, "run": _cmd_run, "check": _cmd_check,
+             "targets": _cmd_targets, "finetune": _cmd_finetune}
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

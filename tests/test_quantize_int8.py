@@ -283,3 +283,121 @@ def test_nothing_to_quantize_and_unknown_ops(tmp_path):
     assert [n.op_type for n in q.graph.node] == [n.op_type for n in model.graph.node]
     with pytest.raises(InputError, match="'Foo' is not an ONNX op"):
         QuantizeInt8(QuantizeConfig(op_types=("Foo",)), samples(8, 1))
+
+
+# -- data-aware weight rounding (--int8-weights gptq) --------------------------------------------
+
+
+def correlated(n: int, seed: int, shape=(1, 2, 8, 8)) -> list[dict[str, np.ndarray]]:
+    """Inputs with correlated features (a smoothed, channel-mixed field), as real activations
+    are: where H = XᵀX is far from diagonal, GPTQ's error compensation has something to use."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        z = rng.standard_normal(shape).astype(np.float32)
+        z = z + np.roll(z, 1, axis=-1) + np.roll(z, 1, axis=-2)  # neighbouring pixels correlate
+        z[:, 1] = 0.7 * z[:, 0] + 0.3 * z[:, 1]  # and the channels
+        out.append({"x": z.astype(np.float32)})
+    return out
+
+
+def layer_error(model, quantized, layer_output: str, feeds) -> float:
+    """‖Y − Ŷ‖ / ‖Y‖ of one layer's output, both graphs run by ORT."""
+    def outputs(m):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        probe.graph.output.append(helper.make_tensor_value_info(layer_output, TensorProto.FLOAT, None))
+        return np.concatenate([o[0].ravel() for o in run_ort(probe, feeds, [layer_output])])
+    y, q = outputs(model), outputs(quantized)
+    return float(np.linalg.norm(y - q) / np.linalg.norm(y))
+
+
+@pytest.mark.parametrize("layer,output", [("conv", "c"), ("fc1", "h"), ("fc2", "y")])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_lowers_layer_output_error(layer, output, bits):
+    """Only ``layer`` quantized (the others kept float): GPTQ's output error of that layer is below
+    round-to-nearest's on the calibration inputs it minimises, and on held-out inputs."""
+    from edgecomp.passes.quantize_int8 import parse_int8_weights
+
+    model, calib, held = conv_mlp(), correlated(64, 1), correlated(16, 2)
+    keep = tuple(n for n in ("conv", "fc1", "fc2") if n != layer)
+    errors = {}
+    for rounding in ("rtn", "gptq"):
+        cfg = QuantizeConfig(activations="none", keep_float=keep, **parse_int8_weights(f"{rounding}:bits={bits}"))
+        q, res = quantize(model, cfg, calib)
+        assert res.stats["weights"] == rounding
+        w = next(numpy_helper.to_array(i) for i in q.graph.initializer if i.data_type == TensorProto.INT8 and i.dims)
+        assert np.abs(w).max() <= 2 ** (bits - 1) - 1  # on the narrowed grid
+        errors[rounding] = (layer_error(model, q, output, calib), layer_error(model, q, output, held))
+    assert errors["gptq"][0] < errors["rtn"][0], errors
+    assert errors["gptq"][1] < errors["rtn"][1] * 1.05, errors
+
+
+def matmul_gemm() -> onnx.ModelProto:
+    """MatMul with W [K, N] (channels on axis 1) → Gemm with transB=0: the other weight layouts."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 12)) * 0.3).astype(np.float32), "wm"),
+             numpy_helper.from_array((rng.standard_normal((12, 6)) * 0.3).astype(np.float32), "wg")]
+    nodes = [helper.make_node("MatMul", ["x", "wm"], ["m"], name="mm"),
+             helper.make_node("Gemm", ["m", "wg"], ["y"], name="gemm")]
+    graph = helper.make_graph(nodes, "mg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])], inits)
+    return make_model(graph)
+
+
+@pytest.mark.parametrize("layer,output", [("mm", "m"), ("gemm", "y")])
+def test_gptq_matmul_and_gemm_layouts(layer, output):
+    model = matmul_gemm()
+    calib, held = correlated(48, 4, (4, 16)), correlated(8, 5, (4, 16))
+    keep = ("gemm",) if layer == "mm" else ("mm",)
+    errors = {}
+    for rounding in ("rtn", "gptq"):
+        q, _ = quantize(model, QuantizeConfig(activations="none", keep_float=keep, weights=rounding, weight_bits=4), calib)
+        errors[rounding] = (layer_error(model, q, output, calib), layer_error(model, q, output, held))
+    assert errors["gptq"][0] < errors["rtn"][0], errors
+
+
+def test_gptq_static_keeps_ort_scales():
+    """With int8 activations, GPTQ re-rounds the weights ORT's quantize_static wrote, on ORT's own
+    scales: the same graph and scales, other int8 values, outputs still close to float."""
+    model, calib, test = conv_mlp(), correlated(32, 1), correlated(8, 2)
+    rtn, _ = quantize(model, QuantizeConfig(), calib)
+    gptq, res = quantize(model, QuantizeConfig(weights="gptq"), calib)
+    a = {i.name: numpy_helper.to_array(i) for i in rtn.graph.initializer}
+    b = {i.name: numpy_helper.to_array(i) for i in gptq.graph.initializer}
+    assert a.keys() == b.keys() and [n.op_type for n in rtn.graph.node] == [n.op_type for n in gptq.graph.node]
+    assert all(np.array_equal(a[k], b[k]) for k in a if k.endswith("_scale"))
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.endswith("_quantized") and a[k].dtype == np.int8)
+    cmp = compare(["y"], run_ort(model, test, ["y"]), run_ort(gptq, test, ["y"]),
+                  Tolerance(atol=np.inf, rtol=0, min_cosine=0.97, min_top1=0.0))
+    assert cmp.ok, cmp.failures
+
+
+@pytest.mark.parametrize("spec", ["obq", "gptq:bits=9", "gptq:bits=1", "rtn:bits", "gptq:@fc1", "gptq:size=4", "gptq:@=4"])
+def test_bad_weight_rounding_specs(spec):
+    from edgecomp.passes.quantize_int8 import parse_int8_weights
+
+    with pytest.raises(InputError, match="--int8-weights"):
+        parse_int8_weights(spec)
+
+
+def test_gptq_needs_calibration_and_narrow_grids_need_weight_only():
+    with pytest.raises(InputError, match="calibration"):
+        QuantizeInt8(QuantizeConfig(activations="none", weights="gptq"), None)
+    with pytest.raises(InputError, match="weight-only"):
+        QuantizeInt8(QuantizeConfig(weight_bits=6), samples(4, 1))
+    with pytest.raises(InputError, match="@nope"):
+        quantize(conv_mlp(), QuantizeConfig(activations="none", layer_bits=(("nope", 6),)), samples(4, 1))
+
+
+@pytest.mark.parametrize("value", ["gptq:bits=12", "adaround"])
+def test_cli_bad_int8_weights_is_one_line(tmp_path, value):
+    from helpers import assert_bad_input
+
+    out = tmp_path / "d"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecomp", "build", "--example", "digits", "--int8", "minmax",
+         "--int8-weights", value, "-o", str(out), "-q"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert_bad_input(proc.returncode, proc.stderr, mentions=["--int8-weights"], output=out)

@@ -1,11 +1,13 @@
-"""Versions of the installed distributions, for manifests and benchmark records."""
+"""Versions of the installed distributions and the CPU model, for manifests and benchmark records."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import platform
+from pathlib import Path
 from typing import Iterable
 
-__all__ = ["package_versions"]
+__all__ = ["package_versions", "cpu_model"]
 
 
 def package_versions(dists: Iterable[str]) -> dict[str, str]:
@@ -17,3 +19,14 @@ def package_versions(dists: Iterable[str]) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgecomp.versions import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The size targets of issue 5: bundle weights ≤ fp32 ONNX file / N at the stated accuracy.
@@ -107,7 +109,7 @@ def main() -> int:
 
     out = Path(args.out)
     doc_path, stem, doc = day_document(out, "compress")
-    doc["machine"] = f"{_cpu()} ({os.cpu_count()} cores), Python {platform.python_version()}"
+    doc["machine"] = f"{cpu_model()} ({os.cpu_count()} cores), Python {platform.python_version()}"
     wanted = None if not args.recipes else {r.strip() for r in args.recipes.split(",")}
     for name in [] if args.report_only else [m.strip() for m in args.models.split(",") if m.strip()]:
         assets = bench_models.fetch(name)
@@ -207,16 +209,6 @@ def _figure(doc: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

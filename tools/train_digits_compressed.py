@@ -38,6 +38,7 @@ from edgecomp.passes.quantize_int8 import parse_int8
 from edgecomp.train.common import TrainLog
 from edgecomp.train.compress_aware import Recipe, accuracy, as_tensors, export_onnx, train_compressed
 from edgecomp.train.data import digits_model, load_digits_splits, trained_digits_model
+from edgecomp.versions import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = ("0", "8")  # first conv and classifier stay dense
@@ -59,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from train_regularizers import cpu_name  # same folder
 
     ex = get_example("digits")
     onnx_bytes = ex.model_path.stat().st_size
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_points": 100 * (fp32_acc - statistics.fmean(accs)),
         "target_met": min(ratios) >= 20 and 100 * (fp32_acc - statistics.fmean(accs)) <= 0.5,
     }
-    meta = {"date": date, "machine": f"{cpu_name()}, torch {torch.__version__}, 1 thread",
+    meta = {"date": date, "machine": f"{cpu_model()}, torch {torch.__version__}, 1 thread",
             "command": "python tools/" + Path(__file__).name + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
             "recipe": recipe.__dict__ | {"skip": list(SKIP)}, "distill": not args.no_distill, "from_scratch": args.from_scratch,
             "int8_activations": args.int8_activations, "wall_seconds": round(time.perf_counter() - t_all, 1)}

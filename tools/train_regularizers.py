@@ -30,20 +30,11 @@ import torch
 from edgecomp.train.common import TrainLog
 from edgecomp.train.compress_aware import Recipe, accuracy, as_tensors, train_regularized, truncate_and_finetune
 from edgecomp.train.data import digits_model, load_digits_splits
+from edgecomp.versions import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 N_VAL = 200
 SKIP = ("0", "8")  # first conv (160 params) and classifier (650) stay dense in every run
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def splits() -> tuple[tuple, tuple, tuple]:
@@ -122,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(dict.fromkeys(r["kind"] for r in runs))
     summary = summarize(runs, methods, budgets, args.select_budget)
     date = _dt.date.today().isoformat()
-    meta = {"date": date, "machine": f"{cpu_name()}, {platform.python_version()}, torch {torch.__version__}, 1 thread",
+    meta = {"date": date, "machine": f"{cpu_model()}, {platform.python_version()}, torch {torch.__version__}, 1 thread",
             "commands": commands + ["python tools/" + Path(__file__).name + (" " + " ".join(argv or sys.argv[1:])).rstrip()],
             "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "seeds": args.seeds,
             "strengths": sorted({r["strength"] for r in runs if r["kind"] != "none"}),

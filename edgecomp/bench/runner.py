@@ -35,6 +35,7 @@ from edgecomp.bench import models as bench_models
 from edgecomp.numerics import Tolerance, ort_session
 from edgecomp.passes.lowrank import LowRankConfig
 from edgecomp.passes.rank_selection import parse_policy
+from edgecomp.versions import cpu_model
 
 __all__ = ["CONFIGS", "LOWRANK_POLICIES", "measure_latency", "run_benchmark", "markdown_table"]
 
@@ -239,17 +240,9 @@ def run_benchmark(
 
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from edgecomp.api import tool_versions
 
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "tools": tool_versions()}
+    return {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "tools": tool_versions()}
 
 
 def headline(row: dict[str, Any]) -> tuple[str, float | None]:

@@ -170,7 +170,7 @@ DDP_SCRIPT = textwrap.dedent("""
     x = torch.randn(64, 6); y = (x[:, 0] > 0).long()
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     recs = fit(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), (x, y), epochs=4, batch_size=8,
-               lr=1e-2, log=TrainLog(name="ddp"))
+               lr=1e-2, log=TrainLog(name="ddp", path=os.path.join(sys.argv[1], "epochs.jsonl")))
     info = dist_info()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
     json.dump({"rank": info.rank, "world": info.world, "params": flat, "losses": [r["loss"] for r in recs]},
@@ -192,3 +192,15 @@ def test_fit_runs_unchanged_under_torchrun(tmp_path):
     assert np.allclose(r0["params"], r1["params"], atol=1e-6)
     assert r0["losses"] == r1["losses"] and r0["losses"][-1] < r0["losses"][0]
     assert proc.stderr.count("ddp epoch 4:") == 1
+    lines = (tmp_path / "epochs.jsonl").read_text().splitlines()  # written by rank 0 only
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_train_log_writes_its_jsonl_even_when_quiet(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("from an earlier run\n")
+    log = TrainLog(name="quiet", path=path, enabled=False)
+    log.epoch(1, loss=0.5, erank={"fc1": 3.25})
+    log.epoch(2, loss=0.25)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"epoch": 1, "loss": 0.5, "erank": {"fc1": 3.25}}, {"epoch": 2, "loss": 0.25}]

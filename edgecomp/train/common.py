@@ -88,30 +88,33 @@ def batches(n: int, batch_size: int, generator: Any, info: DistInfo | None = Non
 @dataclass
 class TrainLog:
     """Per-epoch log: one line per epoch on stderr (loss, metric, effective ranks, time) and, if
-    ``path`` is given, one JSON object per epoch appended to it. Within an epoch a progress line
-    (step i/n, running loss) goes through :class:`edgecomp.progress.Progress`. Quiet on ranks > 0."""
+    ``path`` is given, one JSON object per epoch written to it (the file is started afresh at the
+    first epoch). Within an epoch a progress line (step i/n, running loss) goes through
+    :class:`edgecomp.progress.Progress`. ``enabled`` gates the stderr lines only; under DDP
+    :func:`fit` silences ranks > 0 entirely (``main = False``: no lines, no file)."""
 
     name: str = "train"
     path: Path | None = None
     enabled: bool = True
     records: list[dict[str, Any]] = field(default_factory=list)
+    main: bool = True
 
     def __post_init__(self) -> None:
         from edgecomp.progress import Progress
 
         self.progress = Progress(enabled=self.enabled)
-        if self.path is not None:
-            self.path = Path(self.path)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+        self.path = None if self.path is None else Path(self.path)
+        self._file_started = False
 
     def step(self, epoch: int, i: int, n: int, loss: float) -> None:
-        if self.enabled:
+        if self.enabled and self.main:
             self.progress.update(f"{self.name} epoch {epoch} step {i}/{n} loss {loss:.4g}", every=30.0)
 
     def epoch(self, epoch: int, **values: Any) -> dict[str, Any]:
         rec = {"epoch": epoch, **values}
         self.records.append(rec)
+        if not self.main:
+            return rec
         if self.enabled:
             parts = []
             for k, v in values.items():
@@ -122,9 +125,11 @@ class TrainLog:
                 else:
                     parts.append(f"{k} {v}")
             self.progress.note(f"{self.name} epoch {epoch}: " + "  ".join(parts))
-            if self.path is not None:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(rec, default=float) + "\n")
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a" if self._file_started else "w") as f:
+                f.write(json.dumps(rec, default=float) + "\n")
+            self._file_started = True
         return rec
 
 
@@ -158,7 +163,7 @@ def fit(
     info = dist_info()
     log = log or TrainLog(enabled=info.main)
     if not info.main:
-        log.enabled = False
+        log.enabled = log.main = False
     net = model
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel

@@ -214,3 +214,30 @@ def test_output_written_atomically(digits, digits_lowrank, tmp_path, monkeypatch
         finetune(digits_lowrank, digits["model"], {"input": digits["calib"][:32]}, epochs=1, output=tmp_path / "o.onnx",
                  quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cosine_schedule_option(digits, digits_lowrank, monkeypatch):
+    """schedule="cosine": the learning rate is annealed per epoch (lr, then lr/2 of 2 epochs);
+    the default stays constant; unknown schedules are refused."""
+    import torch
+
+    from edgecomp.errors import InputError
+    from edgecomp.train.distill import finetune
+
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    data = {"input": digits["calib"][:32]}
+    r = finetune(digits_lowrank, digits["model"], data, epochs=2, lr=1e-3, batch_size=16, schedule="cosine", quiet=True)
+    assert r.settings["schedule"] == "cosine"
+    assert seen == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    seen.clear()
+    finetune(digits_lowrank, digits["model"], data, epochs=2, lr=1e-3, batch_size=16, quiet=True)
+    assert seen == pytest.approx([1e-3] * 4)
+    with pytest.raises(InputError, match="schedule"):
+        finetune(digits_lowrank, digits["model"], data, epochs=1, schedule="step", quiet=True)

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
+
+from edgecomp.versions import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,16 +39,6 @@ DIGITS_POLICY = "ratio:0.1"
 
 def _log(msg: str) -> None:
     print(f"distill: {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def layer_params(model) -> dict[str, int]:
@@ -74,9 +68,81 @@ def run_passes(model, names: str, ctx):
     return ir.serde.serialize_model(irm)
 
 
-def training_sentences(eval_sentences: list[str]) -> tuple[list[str], dict]:
+def _fold(s: str) -> str:
+    return " ".join(s.casefold().split())
+
+
+# stdlib modules never imported for their docstrings: side effects (a browser, a window, printing),
+# the evaluation text's own source (pydoc_data), or packaging/test machinery
+STDLIB_SKIP = frozenset({"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "__main__", "pydoc_data",
+                         "lib2to3", "ensurepip", "venv", "test", "msilib", "winreg", "winsound", "nt", "msvcrt"})
+
+
+def _stdlib_sentences_here() -> list[str]:
+    """Sentences of the docstrings of the standard library's public modules, classes (and their
+    methods) and functions, modules in sorted order, unique case-insensitively. Runs in a child
+    process (stdlib_sentences): importing every module is kept out of the training process."""
+    import contextlib
+    import importlib
+    import inspect
+    import io
+    import warnings
+
+    from edgecomp.bench.models import split_sentences
+
+    seen: set[str] = set()
+    out: list[str] = []
+
+    def add(doc) -> None:
+        for s in split_sentences(doc or ""):
+            if _fold(s) not in seen:
+                seen.add(_fold(s))
+                out.append(s)
+
+    for name in sorted(sys.stdlib_module_names):
+        if name in STDLIB_SKIP or name.startswith("_"):
+            continue
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except BaseException:  # not built here, platform-specific, deprecated: skipped
+            continue
+        add(inspect.getdoc(mod))
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            add(inspect.getdoc(obj))
+            if inspect.isclass(obj):
+                for m, f in sorted(vars(obj).items()):
+                    if m.startswith("_") and m != "__init__":
+                        continue
+                    if callable(f) or isinstance(f, (property, staticmethod, classmethod)):
+                        try:
+                            add(inspect.getdoc(f))
+                        except Exception:
+                            pass
+    return out
+
+
+def stdlib_sentences() -> list[str]:
+    import subprocess
+
+    res = subprocess.run([sys.executable, __file__, "--_stdlib-sentences"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=600, check=True)
+    return json.loads(res.stdout)
+
+
+def training_sentences(eval_sentences: list[str], extra: str = "none") -> tuple[list[str], list[str], dict]:
     """pydoc sentences minus the evaluation and calibration splits (casefolded, spaces collapsed:
-    the same key pydoc_sentences() deduplicates by); disjointness asserted."""
+    the same key pydoc_sentences() deduplicates by), and with ``extra="stdlib"`` the standard
+    library's docstring sentences minus those splits and minus the pydoc ones; disjointness asserted.
+    Returns (pydoc training sentences, extra sentences, counts)."""
+    import hashlib
+
     from edgecomp.bench.models import pydoc_sentences, sentence_splits
 
     pool = pydoc_sentences()
@@ -84,16 +150,30 @@ def training_sentences(eval_sentences: list[str]) -> tuple[list[str], dict]:
     if list(eval_s) != list(eval_sentences):
         raise SystemExit("the cached minilm eval split does not match sentence_splits(): refetch the model")
 
-    def fold(s: str) -> str:
-        return " ".join(s.casefold().split())
-
-    held = {fold(s) for s in eval_s} | {fold(s) for s in calib_s}
-    train = [s for s in pool if fold(s) not in held]
-    overlap = {fold(s) for s in train} & held
+    held = {_fold(s) for s in eval_s} | {_fold(s) for s in calib_s}
+    train = [s for s in pool if _fold(s) not in held]
+    overlap = {_fold(s) for s in train} & held
     assert not overlap, f"training sentences overlap eval/calib: {sorted(overlap)[:3]}"
     assert len(train) == len(pool) - len(held), (len(train), len(pool), len(held))
-    return train, {"pool": len(pool), "eval": len(eval_s), "calib": len(calib_s), "train_available": len(train),
-                   "overlap_with_eval_or_calib": len(overlap)}
+    info = {"pool": len(pool), "eval": len(eval_s), "calib": len(calib_s), "train_available": len(train),
+            "overlap_with_eval_or_calib": len(overlap)}
+    extra_s: list[str] = []
+    if extra == "stdlib":
+        raw = stdlib_sentences()
+        pydoc_keys = {_fold(s) for s in pool}
+        extra_s = [s for s in raw if _fold(s) not in held and _fold(s) not in pydoc_keys]
+        x_overlap = {_fold(s) for s in extra_s} & held
+        assert not x_overlap, f"stdlib sentences overlap eval/calib: {sorted(x_overlap)[:3]}"
+        assert len({_fold(s) for s in extra_s}) == len(extra_s)
+        info["extra"] = {"source": "stdlib docstrings", "sentences": len(raw),
+                         "equal_to_eval_or_calib_removed": sum(_fold(s) in held for s in raw),
+                         "equal_to_other_pydoc_removed": sum(_fold(s) in pydoc_keys and _fold(s) not in held for s in raw),
+                         "available": len(extra_s), "overlap_with_eval_or_calib": len(x_overlap),
+                         "sha256": hashlib.sha256("\n".join(extra_s).encode()).hexdigest(),
+                         "python": platform.python_version()}
+    elif extra != "none":
+        raise SystemExit(f"unknown --extra-text {extra!r} (none, stdlib)")
+    return train, extra_s, info
 
 
 def minilm_tokenizer():
@@ -132,18 +212,27 @@ def run_minilm(args, work: Path) -> dict:
     t_all = time.perf_counter()
     assets = bench_models.fetch("minilm")
     ev = assets.arrays("eval")
-    train_all, split_info = training_sentences([str(s) for s in ev["sentence"]])
+    train_all, extra_all, split_info = training_sentences([str(s) for s in ev["sentence"]], args.extra_text)
     order = np.random.default_rng(args.seed).permutation(len(train_all))
     train = [train_all[i] for i in order[: args.train_sentences]]
+    n_pydoc = len(train)
+    if extra_all:  # every pydoc training sentence first, the extra text (seeded shuffle) fills up to N
+        x_order = np.random.default_rng(args.seed).permutation(len(extra_all))
+        train += [extra_all[i] for i in x_order[: max(args.train_sentences - len(train), 0)]]
+    assert not ({_fold(s) for s in train} & ({_fold(str(s)) for s in ev["sentence"]} |
+                                             {_fold(str(s)) for s in assets.arrays("calib")["sentence"]}))
     tok = minilm_tokenizer()
     again = tokenize(tok, [str(s) for s in ev["sentence"]])
     assert all(np.array_equal(again[k], ev[k]) for k in again), "tokenizer does not reproduce eval.npz"
     data = tokenize(tok, train)
-    eval_ids = {row.tobytes() for row in ev["input_ids"][:, 0]}
-    assert not any(row.tobytes() in eval_ids for row in data["input_ids"][:, 0]), "a training token sequence is an eval one"
+    held_ids = {row.tobytes() for row in ev["input_ids"][:, 0]} | \
+        {row.tobytes() for row in assets.arrays("calib")["input_ids"][:, 0]}
+    assert not any(row.tobytes() in held_ids for row in data["input_ids"][:, 0]), \
+        "a training token sequence is an eval or calib one"
     np.savez(work / "train.npz", **data)
     np.savez(work / "eval.npz", input_ids=ev["input_ids"], attention_mask=ev["attention_mask"])
-    _log(f"minilm: {len(train)} training sentences (of {len(train_all)} outside eval+calib), 512 eval")
+    _log(f"minilm: {len(train)} training sentences ({n_pydoc} pydoc of {len(train_all)} outside eval+calib, "
+         f"{len(train) - n_pydoc} {args.extra_text} of {len(extra_all)}), 512 eval")
 
     original = onnx.load(str(assets.onnx))
     calib = assets.feeds("calib")
@@ -179,15 +268,37 @@ def run_minilm(args, work: Path) -> dict:
                 "matmul_embedding_ratio": round(ratio, 4), "factorize_s": round(factorize_s, 1),
                 "bench_metric_before": bench_metrics(comp_path)}
 
+    student_path, init = comp_path, None
+    if args.init_student:  # continue from an earlier distilled model of the same factorized graph
+        import hashlib
+
+        student_path = Path(args.init_student).resolve()
+        got = onnx.load(str(student_path))
+        shapes = lambda m: {t.name: tuple(t.dims) for t in m.graph.initializer}  # noqa: E731
+        if shapes(got) != shapes(factorized):
+            raise SystemExit(f"{student_path}: not the factorized minilm's structure (initializer names/shapes differ)")
+        init = {"path": str(student_path.relative_to(REPO) if student_path.is_relative_to(REPO) else student_path),
+                "sha256": hashlib.sha256(student_path.read_bytes()).hexdigest(), "note": args.init_note}
     out_path = work / "minilm-lowrank-distilled.onnx"
     log_path = work / "minilm-epochs.jsonl"
     t0 = time.perf_counter()
-    result = finetune(comp_path, assets.onnx, work / "train.npz", epochs=args.epochs, lr=args.lr,
+    result = finetune(student_path, assets.onnx, work / "train.npz", epochs=args.epochs, lr=args.lr,
                       batch_size=args.batch_size, seed=args.seed, eval_data=work / "eval.npz", log=log_path,
-                      output=out_path, threads=args.threads, train=args.train, loss_samples=args.loss_samples)
+                      output=out_path, threads=args.threads, train=args.train, loss_samples=args.loss_samples,
+                      schedule=None if args.schedule == "none" else args.schedule)
     distill_s = time.perf_counter() - t0
 
     bench_before, bench_after = bench_metrics(comp_path), bench_metrics(out_path)
+    lowrank_vs_original = None
+    if init is not None:  # the finetune "before" is the starting model's: score the factorized one too
+        from edgecomp.train.distill import metrics as cos_metrics
+
+        def emb(path):
+            sess = ort_session(str(path), threads=args.threads)
+            return np.stack([sess.run(None, {"input_ids": ev["input_ids"][i], "attention_mask": ev["attention_mask"][i]})[0]
+                             for i in range(len(ev["input_ids"]))])
+
+        lowrank_vs_original = cos_metrics(emb(comp_path), emb(assets.onnx), None, False)
 
     t0 = time.perf_counter()
     ref8 = work / "ref8.npz"
@@ -199,7 +310,9 @@ def run_minilm(args, work: Path) -> dict:
     _log(f"minilm: host bundle of the distilled model: numerics vs ORT ok={num['ok']} ({build_s:.0f} s)")
     return {
         "policy": args.policy, "layers": ["gemm", "embedding"], "splits": split_info,
-        "train_sentences": len(train), "params_before": before_p, "params_after": after_p,
+        "train_sentences": len(train), "train_pydoc": n_pydoc, "train_extra": len(train) - n_pydoc,
+        "extra_text": args.extra_text, "init_student": init, "lowrank_vs_original": lowrank_vs_original,
+        "params_before": before_p, "params_after": after_p,
         "matmul_embedding_ratio": round(ratio, 4), "factorize_s": round(factorize_s, 1),
         "finetune": result.to_json(), "distill_s": round(distill_s, 1),
         "bench_metric_before": bench_before, "bench_metric_after": bench_after,
@@ -318,6 +431,15 @@ def onnx2torch_check(args, work: Path) -> list[dict]:
     return rows
 
 
+def init_rows(m: dict, ft: dict) -> list[str]:
+    """Table rows when the run started from an earlier distilled model (--init-student)."""
+    lo, init = m["lowrank_vs_original"], m["init_student"]
+    return [f"| low rank, before distillation | {lo['mean_cosine']:.4f} | {lo['min_cosine']:.4f} | "
+            f"{m['bench_metric_before']['mean_cosine']:.4f} | {m['bench_metric_before']['pairwise_spearman']:.4f} |",
+            f"| start of this run (`{init['path']}`{': ' + init['note'] if init.get('note') else ''}) | "
+            f"{ft['before']['mean_cosine']:.4f} | {ft['before']['min_cosine']:.4f} | | |"]
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# Accuracy recovery by distillation ({doc['date']})", "",
              f"Machine: {doc['machine']}, torch {doc['torch']} (CPU), {doc['threads']} threads. "
@@ -335,11 +457,22 @@ def markdown(doc: dict) -> str:
             f"{pa['matmul_embedding']:,} ({m['matmul_embedding_ratio']:.3f}× fewer)**; MatMul {pb['matmul']:,} → "
             f"{pa['matmul']:,}, embedding table {pb['embedding']:,} → {pa['embedding']:,}; all initializers "
             f"{pb['all']:,} → {pa['all']:,}. ({m['factorize_s']} s)",
-            f"- Distillation data: {m['train_sentences']} sentences of `pydoc_data.topics` outside the evaluation and "
-            f"calibration splits (pool {m['splits']['pool']}, {m['splits']['train_available']} available, overlap "
-            f"{m['splits']['overlap_with_eval_or_calib']}, checked by text and by token ids). Loss "
+            f"- Distillation data: {m.get('train_pydoc', m['train_sentences'])} sentences of `pydoc_data.topics` "
+            f"outside the evaluation and calibration splits (pool {m['splits']['pool']}, "
+            f"{m['splits']['train_available']} available, overlap {m['splits']['overlap_with_eval_or_calib']})"
+            + (f" + {m['train_extra']:,} sentences of the standard library's docstrings (seeded sample of "
+               f"{m['splits']['extra']['available']:,}: {m['splits']['extra']['sentences']:,} unique sentences, minus "
+               f"{m['splits']['extra']['equal_to_eval_or_calib_removed']} equal to an eval/calib sentence and "
+               f"{m['splits']['extra']['equal_to_other_pydoc_removed']} equal to another pydoc one; Python "
+               f"{m['splits']['extra']['python']}), {m['train_sentences']:,} in all"
+               if m.get("train_extra") else "")
+            + "; disjoint from eval and calib, checked by text and by token ids. Loss "
             f"{', '.join(f'{k}: {v}' for k, v in ft['losses'].items())}; Adam lr {s['lr']}, batch {s['batch_size']}, "
-            f"{s['epochs']} epochs, seed {s['seed']}; weights trained: `{s['train']}` ({ft['params']:,} values: "
+            f"{s['epochs']} epochs"
+            + (f" ({s['schedule']} schedule, lr per epoch: "
+               + ", ".join(f"{s['lr'] * (1 + math.cos(math.pi * e / s['epochs'])) / 2:.3g}" for e in range(s["epochs"]))
+               + ")" if s.get("schedule") == "cosine" else "")
+            + f", seed {s['seed']}; weights trained: `{s['train']}` ({ft['params']:,} values: "
             + ("the low-rank factors, everything else kept as the teacher's" if s["train"] == "changed" else "all")
             + ").",
             f"- Target (issue 9): mean cosine ≥ 0.98 vs the original at ≥ 1.5× fewer MatMul+embedding parameters: "
@@ -347,8 +480,9 @@ def markdown(doc: dict) -> str:
             "",
             "| | mean cosine vs original (ORT) | min cosine | mean cosine vs fp32 torch (benchmark metric) | Spearman |",
             "|---|---|---|---|---|",
-            f"| low rank, before distillation | {ft['before']['mean_cosine']:.4f} | {ft['before']['min_cosine']:.4f} | "
-            f"{m['bench_metric_before']['mean_cosine']:.4f} | {m['bench_metric_before']['pairwise_spearman']:.4f} |",
+            *(init_rows(m, ft) if m.get("init_student") else [
+                f"| low rank, before distillation | {ft['before']['mean_cosine']:.4f} | {ft['before']['min_cosine']:.4f} | "
+                f"{m['bench_metric_before']['mean_cosine']:.4f} | {m['bench_metric_before']['pairwise_spearman']:.4f} |"]),
             f"| after distillation | **{ft['after']['mean_cosine']:.4f}** | {ft['after']['min_cosine']:.4f} | "
             f"{m['bench_metric_after']['mean_cosine']:.4f} | {m['bench_metric_after']['pairwise_spearman']:.4f} |",
             "",
@@ -358,9 +492,25 @@ def markdown(doc: dict) -> str:
         for e in ft["epochs"]:
             lines.append(f"| {e['epoch']} | {e['loss']:.3g} | {e['eval_mean_cosine']:.4f} | {e['eval_min_cosine']:.4f} | "
                          f"{e['seconds']:.0f} |")
+        hist = doc.get("minilm_history") or []
+        if hist:
+            lines += ["", "Earlier minilm runs (same day, same factorized model; kept from their own results):", "",
+                      "| command | starts from | training sentences | lr | trained | eval mean cosine per epoch (torch) | "
+                      "after (ORT) | min cosine after | distillation s |", "|---|---|---|---|---|---|---|---|---|"]
+            for h in hist:
+                hf = h["finetune"]
+                data = f"{h.get('train_pydoc', h['train_sentences']):,} pydoc" + (
+                    f" + {h['train_extra']:,} {h['extra_text']}" if h.get("train_extra") else "")
+                start = f"`{h['init_student']['path']}`" if h.get("init_student") else "low rank"
+                lines.append(f"| `{h['command']}` | {start} | {data} | {hf['settings']['lr']:g}"
+                             + (f" ({hf['settings']['schedule']})" if hf["settings"].get("schedule") else "")
+                             + f" | {hf['settings']['train']} | "
+                             + " / ".join(f"{e['eval_mean_cosine']:.4f}" for e in hf["epochs"])
+                             + f" | {hf['after']['mean_cosine']:.4f} | {hf['after']['min_cosine']:.4f} | "
+                             f"{h['distill_s']:.0f} |")
         pilot = doc.get("minilm_pilot")
         if pilot:
-            lines += ["", f"Choosing what to train (one-off pilot runs before the run above: {pilot['how']}):", "",
+            lines += ["", f"Choosing what to train (one-off pilot runs before the first run: {pilot['how']}):", "",
                       "| lr | weights trained | trainable values | eval mean cosine before → after | loss before → after |",
                       "|---|---|---|---|---|"]
             for r in pilot["rows"]:
@@ -413,13 +563,26 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--_stdlib-sentences"]:  # the child process of stdlib_sentences()
+        json.dump(_stdlib_sentences_here(), sys.stdout)
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="minilm,digits-cnn")
     p.add_argument("--policy", default=MINILM_POLICY, help=f"minilm low-rank policy (default {MINILM_POLICY})")
-    p.add_argument("--train-sentences", type=int, default=834, help="minilm training sentences (default: all 834)")
+    p.add_argument("--train-sentences", type=int, default=834,
+                   help="minilm training sentences (default 834: every pydoc one; with --extra-text, the extra "
+                        "text fills up to this many after all pydoc ones)")
+    p.add_argument("--extra-text", default="none", choices=["none", "stdlib"],
+                   help="minilm: more unlabelled training text: stdlib = sentences of the standard library's "
+                        "docstrings (minus the eval/calib and pydoc sentences)")
+    p.add_argument("--init-student", help="minilm: start from this model (an earlier distilled one of the same "
+                                          "factorized graph) instead of the factorized model")
+    p.add_argument("--init-note", default="", help="minilm: how the --init-student model was made (recorded)")
     p.add_argument("--epochs", type=int, default=3, help="minilm epochs (default 3)")
     p.add_argument("--lr", type=float, default=1e-4, help="minilm Adam learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--schedule", default="none", choices=["none", "cosine"],
+                   help="minilm learning-rate schedule (default none: constant; cosine: annealed per epoch)")
     p.add_argument("--train", default="changed", choices=["all", "changed"],
                    help="minilm weights trained (default changed: the low-rank factors; see the results file)")
     p.add_argument("--loss-samples", type=int, default=200, help="minilm: samples the loss before/after is measured on")
@@ -443,11 +606,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     doc_path, stem, doc = day_document(out, "distill")
-    doc.update(date=stem.split("-", 1)[1], machine=f"{_cpu()} ({os.cpu_count()} cores), Python {platform.python_version()}",
+    doc.update(date=stem.split("-", 1)[1], machine=f"{cpu_model()} ({os.cpu_count()} cores), Python {platform.python_version()}",
                torch=torch.__version__, threads=args.threads)
     work = Path(args.work) if args.work else REPO / "bench" / "cache" / "distill"
     work.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "tools/train_distill.py", *sys.argv[1:]])
+    command = shlex.join(["python", "tools/train_distill.py", *sys.argv[1:]])
     if args.onnx2torch_check:
         doc["onnx2torch"] = {"command": command, "rows": onnx2torch_check(args, work)}
         write_atomic(doc_path, json.dumps(doc, indent=1, default=float) + "\n")
@@ -457,6 +620,9 @@ def main() -> int:
         _log(f"== {name}")
         row = runners[name](args, work)
         row["command"] = command
+        prev = doc["models"].get(name)
+        if name == "minilm" and prev:  # earlier minilm runs stay in the document (history)
+            doc.setdefault("minilm_history", []).append(prev)
         doc["models"][name] = row
         write_atomic(doc_path, json.dumps(doc, indent=1, default=float) + "\n")
     md = markdown(doc)

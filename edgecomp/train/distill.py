@@ -255,6 +255,7 @@ def finetune(
     train: str = "all",
     loss_samples: int | None = None,
     quiet: bool = False,
+    schedule: str | None = None,
 ) -> FinetuneResult:
     """Distil ``compressed`` from ``teacher`` on the unlabelled inputs of ``data``.
 
@@ -274,6 +275,8 @@ def finetune(
             teacher's initializer of the same name: low-rank factors, pruned tensors).
         loss_samples: measure the distillation loss before and after training on the first
             ``loss_samples`` training samples only (default: all; a full pass costs a forward each).
+        schedule: learning-rate schedule: ``None`` (constant ``lr``, the default) or ``"cosine"``
+            (annealed per epoch, ``lr`` in the first epoch towards 0 after the last).
     Returns:
         :class:`FinetuneResult`; ``.model`` is the trained ONNX model.
     """
@@ -282,6 +285,8 @@ def finetune(
         raise InputError(f"unknown train setting {train!r} (all, changed)")
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
+    if schedule not in (None, "cosine"):
+        raise InputError(f"unknown learning-rate schedule {schedule!r} (known: cosine)")
     if epochs < 0 or batch_size < 1 or not lr > 0 or not temperature > 0:
         raise InputError("epochs must be >= 0, batch size >= 1, learning rate and temperature > 0")
     out_path = check_output(output, [compressed, teacher, data, eval_data])
@@ -361,7 +366,7 @@ def finetune(
     tlog.progress.note(f"distillation loss before: {loss_before:.6g}; {sum(p.numel() for p in inner.parameters() if p.requires_grad):,} "
                        f"trainable values, {len(inner.masks)} pruned weight(s) masked")
     records = fit(model, train_loss, (*x, *y), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                  evaluate=evaluate, after_step=lambda m: m.inner.apply_masks(), log=tlog)
+                  evaluate=evaluate, after_step=lambda m: m.inner.apply_masks(), schedule=schedule, log=tlog)
     model.eval()
     loss_after = full_loss()
     # under torchrun every rank holds the same weights: rank 0 writes the file
@@ -375,7 +380,7 @@ def finetune(
         losses=dict(zip(out_names, kinds)), temperature=temperature,
         settings={"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "samples": len(x[0]),
                   "eval_samples": 0 if ev is None else len(ev[1]), "per_sample_vmap": per_sample,
-                  "threads": threads, "train": train, "loss_samples": min(len(x[0]), loss_samples or len(x[0])), "teacher_seconds": round(teacher_s, 2)},
+                  "threads": threads, "train": train, "schedule": schedule, "loss_samples": min(len(x[0]), loss_samples or len(x[0])), "teacher_seconds": round(teacher_s, 2)},
         train_loss_before=loss_before, train_loss_after=loss_after,
         params=sum(p.numel() for p in inner.parameters() if p.requires_grad), pruned_weights=len(inner.masks),
         seconds=round(time.perf_counter() - t_start, 2), model=trained,

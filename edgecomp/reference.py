@@ -16,7 +16,18 @@ from edgecomp.errors import InputError
 from edgecomp.importer import TensorSpec
 from edgecomp.numerics import Samples
 
-__all__ = ["random_samples", "samples_from_arrays", "load_npz", "load_samples_npz", "stack_samples"]
+__all__ = ["coerce_dtype", "random_samples", "samples_from_arrays", "load_npz", "load_samples_npz", "stack_samples"]
+
+
+def coerce_dtype(arr: np.ndarray, dtype: object, source: str, name: str) -> np.ndarray:
+    """``arr`` as the input's dtype: within a kind (float64 → float32, int32 → int64) it is cast;
+    across kinds (float data for int token ids) it is a one-line error naming ``source`` and input."""
+    want = np.dtype(dtype)
+    if arr.dtype == want:
+        return arr
+    if arr.dtype.kind == want.kind or (arr.dtype.kind in "iu" and want.kind in "iu"):
+        return arr.astype(want)
+    raise InputError(f"{source}: input {name!r} has dtype {arr.dtype}, the model wants {want}")
 
 
 def random_samples(specs: Sequence[TensorSpec], count: int = 8, seed: int = 0) -> Samples:
@@ -50,12 +61,7 @@ def samples_from_arrays(arrays: dict[str, np.ndarray], specs: Sequence[TensorSpe
     for spec in specs:
         arr = arrays[spec.name]
         shape = tuple(int(d) for d in spec.shape)
-        want = np.dtype(spec.dtype)
-        if arr.dtype != want:
-            if arr.dtype.kind == want.kind or (arr.dtype.kind in "iu" and want.kind in "iu"):
-                arr = arr.astype(want)
-            else:
-                raise InputError(f"{source}: input {spec.name!r} has dtype {arr.dtype}, the model wants {want}")
+        arr = coerce_dtype(arr, spec.dtype, source, spec.name)
         if arr.shape == shape:
             arr = arr[None]
         elif arr.shape[1:] != shape:

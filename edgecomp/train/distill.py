@@ -41,7 +41,7 @@ from onnx import numpy_helper
 from edgecomp.errors import InputError
 from edgecomp.importer import TensorSpec, graph_inputs, graph_outputs, load_onnx
 from edgecomp.numerics import _is_classifier, ort_session
-from edgecomp.reference import load_npz, samples_from_arrays
+from edgecomp.reference import coerce_dtype, load_npz, samples_from_arrays
 from edgecomp.train.common import TrainLog, dist_info, fit, require_torch, seed_everything
 
 torch = require_torch()
@@ -114,13 +114,7 @@ def load_rows(data: str | os.PathLike | dict[str, np.ndarray], specs: list[Tenso
         if arr.ndim != len(s.shape) or any(isinstance(d, int) and d > 0 and d != n for d, n in zip(s.shape[1:], arr.shape[1:])):
             raise InputError(f"{source}: input {s.name!r} has shape {list(arr.shape)}; the model wants {list(s.shape)} "
                              f"(rows along its dynamic leading axis)")
-        want = np.dtype(s.dtype)
-        if arr.dtype != want:
-            if arr.dtype.kind == want.kind or (arr.dtype.kind in "iu" and want.kind in "iu"):
-                arr = arr.astype(want)
-            else:
-                raise InputError(f"{source}: input {s.name!r} has dtype {arr.dtype}, the model wants {want}")
-        rows[s.name] = arr
+        rows[s.name] = coerce_dtype(arr, s.dtype, source, s.name)
         counts.add(len(arr))
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"{source}: inputs hold different numbers of rows, or none: {sorted(counts)}")

@@ -16,6 +16,7 @@ Writes bench/results/regularizers-<date>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             for budget in budgets:
                 thin, r2 = truncate_and_finetune(svd_model, train, val, recipe, budget=budget, seed=seed, log=log)
                 r2["test_acc"] = accuracy(thin, *test)
-                no_ft = truncate_and_finetune(svd_model, train, val, Recipe(**{**recipe.__dict__, "finetune_epochs": 0}),
+                no_ft = truncate_and_finetune(svd_model, train, val, dataclasses.replace(recipe, finetune_epochs=0),
                                               budget=budget, seed=seed)[0]
                 r2["test_acc_truncated"] = accuracy(no_ft, *test)
                 rec["budgets"][str(budget)] = r2

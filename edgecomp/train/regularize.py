@@ -124,9 +124,9 @@ class SVDParamLinear(_SVDLayer):
     def thin(self, rank: int) -> nn.Module:
         from edgecomp.train.layers import LowRankLinear
 
-        u, s, v = self._ordered(rank)
         if not self.factors_pay(rank):
             return self._dense(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None), rank)
+        u, s, v = self._ordered(rank)
         root = s.sqrt()
         bias = None if self.bias is None else self.bias.detach()
         return LowRankLinear.from_factors((v * root).T.contiguous(), (u * root).contiguous(), bias)
@@ -156,10 +156,10 @@ class SVDParamConv2d(_SVDLayer):
         return F.conv2d(h, self.u[:, :, None, None], self.bias)
 
     def thin(self, rank: int) -> nn.Module:
-        u, s, v = self._ordered(rank)
         if not self.factors_pay(rank):
             return self._dense(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                                          self.padding, self.dilation, bias=self.bias is not None), rank)
+        u, s, v = self._ordered(rank)
         first = nn.Conv2d(self.in_channels, rank, self.kernel_size, self.stride, self.padding, self.dilation, bias=False)
         last = nn.Conv2d(rank, self.out_channels, 1, bias=self.bias is not None)
         with torch.no_grad():

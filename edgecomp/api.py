@@ -384,7 +384,8 @@ def build(
                 for i, n in enumerate(out_names)
             ],
             "params": [
-                {"key": k, "name": n, "shape": list(v.shape), "dtype": v.dtype.name}
+                {"key": k, "name": n, "shape": list(v.shape), "dtype": v.dtype.name,
+                 **({"layout": "transposed"} if n in relax_model.transposed else {})}
                 for (k, v), n in zip(weights.items(), relax_model.param_names)
             ],
             "runtime": {

@@ -56,8 +56,9 @@ class DeviceKind:
     Attributes:
         name: ``cpu``, ``cuda`` or ``opencl``.
         tvm_kind: the TVM target kind whose code runs there (``llvm`` for the CPU).
-        pipeline: the Relax pipeline: ``default`` (TVM's generic build pipeline, no schedules) or
-            ``target`` (``relax.get_default_pipeline(target)``: for GPUs it applies the
+        pipeline: the Relax pipeline: ``cpu`` (edgecomp's: TVM's CPU pipeline plus the default
+            schedules of ``targets/cpu_schedules.py``), ``default`` (TVM's generic build
+            pipeline, no schedules) or ``target`` (``relax.get_default_pipeline(target)``: for GPUs it applies the
             ``tvm.s_tir.dlight`` GPU rules; without them kernels have no thread binding).
         kernel_file: the bundle file that holds the kernel source (None: code is in ``model.so``).
         kernel_pattern: regex whose group 1 is a kernel's name in that source (to count kernels).
@@ -73,7 +74,7 @@ class DeviceKind:
 
 
 DEVICES: dict[str, DeviceKind] = {
-    "cpu": DeviceKind("cpu", "llvm"),
+    "cpu": DeviceKind("cpu", "llvm", pipeline="cpu"),
     "cuda": DeviceKind(
         "cuda", "cuda", pipeline="target", kernel_file="kernels.cu",
         kernel_pattern=r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;]*?\) \{',
@@ -111,7 +112,7 @@ class Target:
             lazily, so that e.g. host CPU detection runs only when the target is used.
         cross_compiler: the C compiler that links the ``.so`` (``None``: the host's ``cc``).
         apt_packages: Debian packages that provide ``cross_compiler``, for error messages.
-        default_pipeline: the Relax pipeline: ``default`` or ``target`` (see :class:`DeviceKind`).
+        default_pipeline: the Relax pipeline: ``cpu``, ``default`` or ``target`` (see :class:`DeviceKind`).
         device_key: RPC key of devices of this kind (for tracker-based checks).
         device: where the kernels run, a key of :data:`DEVICES`. ``arch`` is then the CPU of the
             machine that hosts that device (it runs ``model.so`` and launches the kernels).
@@ -127,7 +128,7 @@ class Target:
     tvm_target: dict[str, Any] | Callable[[], dict[str, Any]]
     cross_compiler: str | None = None
     apt_packages: tuple[str, ...] = ()
-    default_pipeline: str = "default"
+    default_pipeline: str = "cpu"
     device_key: str | None = None
     device: str = "cpu"
     link_options: tuple[str, ...] = ()

@@ -1,0 +1,363 @@
+"""Default CPU schedules: fast code for LLVM targets without a tuning session.
+
+``tvm.compile`` applies no schedules on CPUs (``tvm.s_tir.dlight.cpu`` has only GEMV and
+Reduction rules), so every kernel runs as a naive loop nest: 10–100x slower than ONNX Runtime.
+These rules, in the style of ``tvm.s_tir.dlight`` (one ``ScheduleRule`` per kind of kernel,
+applied by ``dlight.ApplyDefaultSchedule`` to every fused PrimFunc that no tuning record
+scheduled), give each kernel a fixed, analytically chosen schedule:
+
+- :class:`Contraction`: one multiply-accumulate reduction block (matmul, batch matmul, dense,
+  conv2d incl. 1x1, grouped and depthwise) with an elementwise epilogue (bias, residual add,
+  ReLU/Clip/GELU). Register tiling: the innermost output axis is vectorized (the target's
+  vector width), a second output axis that the vectorized operand does not depend on (the rows
+  of a matmul, the output channels of a conv) is unrolled, so each vector load feeds several
+  FMAs, and the accumulators live in registers (``cache_write`` to ``local``) across the
+  reduction loop; the epilogue runs on each finished tile; the outer tiles run in parallel. A 1x1
+  stride-1 conv's spatial axes are fused first, so its output is one long contiguous axis.
+- :class:`Injective`: elementwise, broadcast, transpose, pad and copy kernels: parallel outer
+  loops, vectorized innermost axis.
+- dlight's own CPU ``Reduction`` (softmax, layer norm, mean) and ``GEMV``.
+
+The tile sizes are functions of the target's vector width (LLVM's for the target: 16 fp32 lanes
+with AVX-512, 8 with AVX2, 4 with NEON) and its register count, not of measurements on one
+machine. MetaSchedule records (``edgecomp tune``) take precedence: a function the database
+scheduled is marked ``tirx.is_scheduled`` and left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+__all__ = ["default_rules", "apply_default_schedules", "vector_lanes", "Contraction", "Injective"]
+
+log = logging.getLogger(__name__)
+
+# Vector accumulators in one register tile: of 32 registers (AVX-512 zmm, AArch64 NEON v), leaving
+# room for the operand loads and broadcasts.
+_ACCUMULATORS = 24
+
+
+def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
+    """How many ``dtype_bits`` elements one vector register of ``target`` holds (at least 1)."""
+    from tvm.target import codegen
+
+    try:
+        bits = int(codegen.llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001  (a target LLVM cannot describe: assume 128-bit SIMD)
+        bits = 128
+    return max(1, bits // dtype_bits)
+
+
+def _bits(dtype: Any) -> int:
+    from tvm.runtime import DataType
+
+    return DataType(str(dtype)).bits
+
+
+def _rules():
+    """The rule classes; built lazily so that importing edgecomp does not import TVM."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+    def extent(sch, loop) -> int | None:
+        value = sch.get(loop).extent
+        return int(value) if isinstance(value, tirx.IntImm) else None
+
+    def largest_divisor(n: int, limit: int) -> int:
+        for d in range(min(n, limit), 0, -1):
+            if n % d == 0:
+                return d
+        return 1
+
+    def vector_split(n: int, lanes: int) -> tuple[int, int]:
+        """(vector length, vectors per tile row) for an axis of extent ``n``: each vector at most
+        one register (LLVM splits a longer, odd-sized one into scalar inserts), a divisor of
+        ``n`` (no tail), up to 4 vectors a row."""
+        width = largest_divisor(n, lanes)
+        return width, largest_divisor(n // width, 4)
+
+    from tvm import get_global_func
+    from tvm.tirx.analysis import undefined_vars
+
+    _has_if_then_else = get_global_func("s_tir.schedule.HasIfThenElse")
+
+    def body_vars(expr) -> set:
+        return set(undefined_vars(expr))
+
+    def has_if_then_else(block) -> bool:
+        return bool(_has_if_then_else(block))
+
+    def inline_producers(sch, block) -> None:
+        """Inline copies and elementwise producers (not padding: its branch would sit in the
+        innermost loop; a pad stays a separate, vectorized kernel)."""
+        changed = True
+        while changed:
+            changed = False
+            for producer in sch.get_producers(block):
+                if has_if_then_else(sch.get(producer)):
+                    continue
+                try:
+                    sch.compute_inline(producer)
+                    changed = True
+                except Exception:  # noqa: BLE001  (not inlinable: leave it a kernel of its own)
+                    continue
+
+    def schedule_injective(sch, block, lanes: int) -> None:
+        loops = sch.get_loops(block)
+        if not loops:
+            return
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        n = extent(sch, fused)
+        if n is None:
+            return
+        inner = largest_divisor(n, 4 * lanes)
+        if inner < lanes // 2 or inner == 1:
+            inner = min(n, 4 * lanes)
+        outer, vec = sch.split(fused, factors=[None, inner])
+        if n % inner == 0:
+            sch.vectorize(vec)
+        if n > 4096:
+            sch.parallel(outer)
+
+    class Injective(CPUScheduleRule):
+        """Elementwise / broadcast / layout kernels (and the pads ``Contraction`` leaves)."""
+
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or not infos or any(not b.is_injective() for b in infos):
+                return None
+            lanes = vector_lanes(target)
+            blocks = [b.block_rv for b in infos]
+            for b in blocks[:-1]:
+                try:
+                    sch.compute_inline(b)
+                except Exception:  # noqa: BLE001
+                    pass
+            for b in _leaf_blocks(sch):
+                schedule_injective(sch, b, lanes)
+            return sch
+
+    def _leaf_blocks(sch):
+        infos = normalize_prim_func(sch)
+        return [b.block_rv for b in infos] if infos else []
+
+    class Contraction(CPUScheduleRule):
+        """One multiply-accumulate block (matmul, conv2d) plus elementwise prologue/epilogue."""
+
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None:
+                return None
+            reductions = [b for b in infos if b.is_reduction()]
+            if len(reductions) != 1 or any(not b.is_injective() for b in infos if b is not reductions[0]):
+                return None
+            main = reductions[0].block_rv
+            stmt = sch.get(main)
+            if len(stmt.writes) != 1 or len(stmt.reads) < 2 or not isinstance(stmt.body, tirx.BufferStore):
+                return None
+            if not isinstance(stmt.body.value, tirx.Add):  # C = C + A * B (sum reductions only)
+                return None
+            # Integer accumulations (--int8-arith) are left to LLVM's own vectorizer: its
+            # inner-reduction loops become SDOT/UDOT (aarch64 +dotprod) or VNNI dot products,
+            # which this rule's outer-product tiles would lose.
+            if not str(stmt.writes[0].source.dtype).startswith(("float", "bfloat")):
+                return None
+            lanes = vector_lanes(target, _bits(stmt.writes[0].source.dtype))
+
+            inline_producers(sch, main)
+            self._deinterleave_strided(sch, main)
+            epilogue = self._gather_epilogue(sch, main)
+            if epilogue is False:
+                return None
+
+            stmt = sch.get(main)
+            iters = list(stmt.iter_vars)
+            loops = sch.get_loops(main)
+            if len(loops) != len(iters):
+                return None
+            spatial = [(iv, lp) for iv, lp in zip(iters, loops) if iv.iter_type == tirx.IterVar.DataPar]
+            reduce = [(iv, lp) for iv, lp in zip(iters, loops) if iv.iter_type == tirx.IterVar.CommReduce]
+            if not spatial or not reduce or any(extent(sch, lp) is None for _, lp in spatial + reduce):
+                return None
+            out_index = stmt.writes[0].region
+            last = out_index[-1].min
+            vec = next(((iv, lp) for iv, lp in spatial if iv.var.same_as(last)), None)
+            if vec is None or out_index[-1].extent != 1:
+                return None
+            # the operand the vector axis walks through (the conv input / matmul B)
+            vec_operand = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)
+                           and any(vec[0].var in body_vars(rg.min) for rg in r.region)]
+            used_by_vec_operand = set()
+            for r in vec_operand:
+                for rg in r.region:
+                    used_by_vec_operand |= body_vars(rg.min)
+
+            # The register tile: [reg_i, row_i, vec_i] accumulators, vec_i vectorized along the
+            # innermost output axis; reg: an output axis the vector operand does not depend on (each
+            # vector load feeds reg_i FMAs: a matmul's rows, a conv's output channels); row: the
+            # next output axis out when the vector operand does depend on it (a conv's rows).
+            pos = [lp for _, lp in spatial].index(vec[1])
+            before = [(iv, lp) for iv, lp in spatial[:pos] if extent(sch, lp) > 1]
+            reg = next(((iv, lp) for iv, lp in reversed(before) if iv.var not in used_by_vec_operand), None)
+            row = before[-1] if before and before[-1] is not reg and before[-1][0].var in used_by_vec_operand else None
+            width, vectors = vector_split(extent(sch, vec[1]), lanes)
+            budget = max(1, _ACCUMULATORS // vectors)
+            ri = largest_divisor(extent(sch, reg[1]), min(8, budget)) if reg is not None else 1
+            wi = largest_divisor(extent(sch, row[1]), max(1, budget // ri)) if row is not None else 1
+            # Tiles in parallel, the register axis's tiles innermost: consecutive tiles then share
+            # the vector operand's panel (a matmul's K x N-tile of B, a conv's input rows), which
+            # stays in cache, while the other operand's slices cycle.
+            split = {}
+            for name, axis, factor in (("reg", reg, ri), ("row", row, wi)):
+                if axis is not None:
+                    split[name] = sch.split(axis[1], factors=[None, factor])
+            v_o, v_m, v_i = sch.split(vec[1], factors=[None, vectors, width])
+            tiled = {id(a[1]) for a in (reg, row, vec) if a is not None}
+            outer_order = [lp for _, lp in spatial if id(lp) not in tiled]
+            outer_order += [split["row"][0]] if "row" in split else []
+            outer_order += [v_o] + ([split["reg"][0]] if "reg" in split else [])
+            inner_order = [split[k][1] for k in ("reg", "row") if k in split] + [v_m, v_i]
+            v_i = inner_order[-1]
+            red_loops = [lp for _, lp in reduce]
+            sch.reorder(*outer_order, *red_loops, *inner_order)
+
+            acc = sch.cache_write(main, 0, "local")
+            sch.reverse_compute_at(acc, outer_order[-1], preserve_unit_loops=True)
+            if epilogue is not None:
+                try:
+                    sch.reverse_compute_inline(epilogue)
+                except Exception:  # noqa: BLE001  (a broadcast epilogue: run it per tile instead)
+                    sch.reverse_compute_at(epilogue, outer_order[-1], preserve_unit_loops=True)
+                    self._vectorize_tail(sch, epilogue, lanes)
+            self._vectorize_tail(sch, acc, lanes)
+
+            for lp in red_loops[1:]:
+                n = extent(sch, lp)
+                if n is not None and n <= 7:  # conv kernel windows
+                    sch.unroll(lp)
+            for lp in inner_order[:-1]:
+                sch.unroll(lp)
+            sch.vectorize(v_i)
+            par = sch.fuse(*outer_order) if len(outer_order) > 1 else outer_order[0]
+            # the producers left (pads) are computed per tile, just before it reads them, while
+            # they are in cache: a few rows of one channel, not a second pass over the tensor
+            for producer in sch.get_producers(main):
+                try:
+                    sch.compute_at(producer, par, preserve_unit_loops=True)
+                except Exception:  # noqa: BLE001  (a producer the tile cannot bound: a kernel of its own)
+                    schedule_injective(sch, producer, lanes)
+                    continue
+                self._vectorize_tail(sch, producer, lanes)
+            sch.parallel(par)
+            init = sch.decompose_reduction(main, red_loops[0])
+            self._vectorize_tail(sch, init, lanes)
+            return sch
+
+        @staticmethod
+        def _vectorize_tail(sch, block, lanes: int) -> None:
+            loops = sch.get_loops(block)
+            if not loops:
+                return
+            n = extent(sch, loops[-1])
+            if n is not None and n > 1:
+                sch.vectorize(loops[-1])
+
+        @staticmethod
+        def _deinterleave_strided(sch, main) -> None:
+            """A stride-s conv reads its (padded) input at ``s*x + rx``: store that pad buffer's
+            last axis as ``[w % s, w // s]``, so the read becomes ``[rx % s, x + rx // s]``,
+            contiguous along the vectorized ``x`` (otherwise LLVM assembles each vector lane by
+            lane). Only pads computed inside this function can change layout."""
+            from tvm.sym.pattern import detect_linear_equation
+            from tvm.tirx import IndexMap
+
+            stmt = sch.get(main)
+            out_last = stmt.writes[0].region[-1].min
+            if not isinstance(out_last, tirx.Var):
+                return
+            for producer in sch.get_producers(main):
+                written = sch.get(producer).writes[0].source
+                region = next((r for r in stmt.reads if r.source.same_as(written)), None)
+                if region is None:
+                    continue
+                coef = detect_linear_equation(region.region[-1].min, [out_last])
+                stride = int(coef[0]) if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) else 1
+                width = region.source.shape[-1] if hasattr(region.source, "shape") else None
+                ndim = len(region.region)
+                if stride <= 1 or not isinstance(width, tirx.IntImm) or int(width) % stride:
+                    continue
+                index_map = IndexMap.from_func(
+                    lambda *i: [*i[:-1], i[-1] % stride, i[-1] // stride], ndim=ndim)
+                sch.transform_layout(producer, ("write", 0), index_map)
+                iters = len(sch.get(producer).iter_vars)  # write it in that order too
+                sch.transform_block_layout(producer, IndexMap.from_func(
+                    lambda *i: [*i[:-1], i[-1] % stride, i[-1] // stride], ndim=iters))
+
+        @staticmethod
+        def _gather_epilogue(sch, main):
+            """Inline the elementwise blocks after ``main`` (a chain, or a DAG such as GELU's
+            x * (1 + erf(x))) into the last one; returns it, None if there is none, False if
+            they do not reduce to one block."""
+            after, seen = [], False
+            for info in normalize_prim_func(sch) or []:
+                if seen:
+                    after.append(info.block_rv)
+                seen = seen or sch.get(info.block_rv).same_as(sch.get(main))
+            if not after:
+                return None
+            for block in after[:-1]:
+                try:
+                    sch.compute_inline(block)
+                except Exception:  # noqa: BLE001
+                    return False
+            return after[-1]
+
+    return Contraction, Injective
+
+
+def _guarded(rule):
+    """``rule`` whose failures leave the function to the next rule (or unscheduled), logged:
+    a kernel this rule cannot schedule must not fail a build."""
+    inner = rule.apply
+
+    def apply(func, target, tunable):
+        try:
+            return inner(func, target, tunable)
+        except Exception as err:  # noqa: BLE001
+            name = func.attrs.get("global_symbol", "?") if getattr(func, "attrs", None) else "?"
+            msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+            log.info("default schedule %s did not apply to %s: %s", type(rule).__name__, name, msg)
+            return None
+
+    rule.apply = apply
+    return rule
+
+
+def default_rules() -> list:
+    """The CPU rules, most specific first (edgecomp's, then dlight's)."""
+    from tvm.s_tir import dlight
+
+    contraction, injective = _rules()
+    return [_guarded(r) for r in (contraction(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), injective())]
+
+
+def apply_default_schedules():
+    """The module pass: ``dlight.ApplyDefaultSchedule`` with :func:`default_rules`."""
+    from tvm.s_tir import dlight
+
+    return dlight.ApplyDefaultSchedule(*default_rules())
+
+
+def __getattr__(name: str):  # Contraction / Injective for readers and tests, built on first use
+    if name in ("Contraction", "Injective"):
+        contraction, injective = _rules()
+        return {"Contraction": contraction, "Injective": injective}[name]
+    raise AttributeError(name)

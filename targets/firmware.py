@@ -436,7 +436,12 @@ def run_example(exe: Path, arch: str, inputs: bytes, weights: Path | None, timeo
         src, out = Path(d) / "inputs.bin", Path(d) / "outputs.bin"
         src.write_bytes(inputs)
         cmd = [*prefix, str(exe), str(src), str(out)] + ([str(weights)] if weights is not None else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        env = dict(os.environ)
+        if prefix:  # emulated (qemu-user): one TVM thread, as the emulated device runs. Measured: the
+            # parallel loops of the default schedules, on TVM's thread pool, did not finish in 300 s
+            # under qemu-aarch64 (digits; natively they run in microseconds).
+            env["TVM_NUM_THREADS"] = os.environ.get("TVM_NUM_THREADS", "1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             msg = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             raise UnsupportedModelError(f"firmware: the C example failed on {arch}: {msg[:300]}")

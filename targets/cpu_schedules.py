@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["default_rules", "apply_default_schedules", "vector_lanes", "Contraction", "Injective"]
+__all__ = ["default_rules", "apply_default_schedules", "schedule_report", "vector_lanes", "Contraction", "Injective"]
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,30 @@ _ACCUMULATORS = 24
 
 
 def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
-    """How many ``dtype_bits`` elements one vector register of ``target`` holds (at least 1)."""
+    """How many ``dtype_bits`` elements one vector register of ``target`` holds (at least 1).
+
+    x86 from the target's CPU features (``llvm_get_vector_width`` answers 512 for every x86
+    CPU in TVM 0.27, AVX2-only Haswell included); other architectures from LLVM (NEON: 128).
+    """
     from tvm.target import codegen
 
-    try:
-        bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001  (a target LLVM cannot describe: assume 128-bit SIMD)
+    def has(feature: str) -> bool:
+        try:
+            return bool(codegen.target_has_features(feature, target))
+        except Exception:  # noqa: BLE001  (not an LLVM target LLVM knows)
+            return False
+
+    if has("avx512f"):
+        bits = 512
+    elif has("avx"):
+        bits = 256
+    elif has("sse2"):
         bits = 128
+    else:
+        try:
+            bits = int(codegen.llvm_get_vector_width(target))
+        except Exception:  # noqa: BLE001
+            bits = 128
     return max(1, bits // dtype_bits)
 
 
@@ -347,6 +364,23 @@ def default_rules() -> list:
 
     contraction, injective = _rules()
     return [_guarded(r) for r in (contraction(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), injective())]
+
+
+def schedule_report(mod: Any, target: Any) -> dict[str, str]:
+    """Which rule schedules each fused kernel of ``mod`` (a Relax module before legalization):
+    ``{kernel name: rule class name or "none"}``. For tests and for reading, not for building."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    with target:
+        fused = tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
+    rules = default_rules()
+    out = {}
+    for gv, func in fused.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        out[gv.name_hint] = next((type(r).__name__ for r in rules if r.apply(func, target, False) is not None), "none")
+    return out
 
 
 def apply_default_schedules():

@@ -322,14 +322,23 @@ def tune(
             builder = ms.builder.LocalBuilder(f_export=_cross_export(target)) if target.cross_compiler else ms.builder.LocalBuilder()
             runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config)
             runner_name = f"RPC tracker {tracker[0]}:{tracker[1]} key {rpc_key}"
-        callback = ProgressCallback(left, before, progress, stop)
-        with progress.stage(f"tuning {len(tasks)} task(s) for {target.name}: {left} trials ({runner_name})"), _sigint_stops(stop, progress):
-            ms.relax_integration.tune_relax(
-                mod, {}, tuning_target, str(folder), max_trials_global=left,
-                max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, max(4, left // max(1, len(tasks)))),  # every task gets a round
-                builder=builder, runner=runner, database=database, seed=seed,
-                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
-            )
+        with _sigint_stops(stop, progress):
+            if target.default_pipeline == "cpu":
+                with progress.stage(f"measuring the default schedules of {len(tasks)} task(s) (the records to beat)"):
+                    seeded = _seed_default_schedules(tasks, tuning_target, database, builder, runner, stop)
+                left -= seeded
+                log.info("tuning: %d default schedule(s) measured and recorded", seeded)
+            callback = ProgressCallback(left, before, progress, stop)
+            if left > 0 and not stop.is_set():
+                with progress.stage(f"tuning {len(tasks)} task(s) for {target.name}: {left} trials ({runner_name})"):
+                    ms.relax_integration.tune_relax(
+                        mod, {}, tuning_target, str(folder), max_trials_global=left,
+                        max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, max(4, left // max(1, len(tasks)))),  # every task gets a round
+                        builder=builder, runner=runner, database=database, seed=seed,
+                        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+                    )
+        if stop.is_set():  # Ctrl-C while the default schedules were measured: those are saved
+            raise KeyboardInterrupt
     except (InputError, DeviceError):
         raise
     except Exception as err:  # noqa: BLE001
@@ -341,6 +350,52 @@ def tune(
         shutil.rmtree(work, ignore_errors=True)
     after = len(_open(folder).get_all_tuning_records())
     return TuneReport(str(folder), target.name, len(tasks), trials, before, after - before, round(time.monotonic() - t0, 1), runner_name)
+
+
+def _seed_default_schedules(tasks, target, database, builder, runner, stop: threading.Event) -> int:
+    """Measure edgecomp's default CPU schedule of every task not yet in ``database`` and record it.
+
+    MetaSchedule keeps the fastest record per workload, so a tuned build is never slower, kernel
+    by kernel, than the default schedules it replaces (on the same measurements): a short search
+    that finds nothing better leaves the default in place. Returns the number of records added.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgecomp.targets.cpu_schedules import default_rules
+
+    rules = default_rules()
+    todo = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        if database.has_workload(mod):
+            continue
+        func = mod["main"]
+        sch = None
+        for rule in rules:
+            space = rule.apply(func, target, False)
+            if space is not None:
+                sch = space[0] if isinstance(space, list) else space
+                break
+        if sch is not None and sch.trace is not None:
+            todo.append((mod, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
+    added = 0
+    for i in range(0, len(todo), 16):
+        if stop.is_set():
+            break
+        batch = todo[i:i + 16]
+        built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch, _ in batch])
+        inputs, keep = [], []
+        for (mod, sch, args), b in zip(batch, built):
+            if b.error_msg is None:
+                inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args))
+                keep.append((mod, sch, args))
+        for (mod, sch, args), future in zip(keep, runner.run(inputs) if inputs else []):
+            result = future.result()
+            if result.error_msg is None and result.run_secs:
+                workload = database.commit_workload(mod)
+                database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args))
+                added += 1
+    return added
 
 
 def _cross_export(target: Target):

@@ -71,6 +71,18 @@ def test_tuning_writes_a_database_keyed_by_target(tuned):
     assert meta["tuning_target"]["num-cores"] >= 1
 
 
+def test_default_schedules_are_the_first_records(tuned):
+    """Before searching, each task's default schedule is measured and recorded (no sampled
+    decisions in its trace), so MetaSchedule's best record per kernel is never slower than the
+    default it replaces, on the same measurements."""
+    root, _, _, report = tuned
+    lines = (root / "db" / "host" / "database_tuning_record.json").read_text().splitlines()
+    first = [json.loads(line) for line in lines[: report.tasks]]
+    assert sorted(r[0] for r in first) == list(range(report.tasks))  # one per workload
+    assert not any("Sample" in json.dumps(r[1][0]) for r in first)
+    assert all(r[1][1] and min(r[1][1]) > 0 for r in first)  # measured
+
+
 def test_the_database_schedules_every_kernel_and_numerics_hold(tuned):
     root, model, rm, _ = tuned
     import tvm

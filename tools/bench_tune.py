@@ -1,9 +1,10 @@
-"""What MetaSchedule tuning buys on the host CPU: ONNX Runtime fp32 against TVM untuned and TVM
-tuned, per model, in one process and one run.
+"""What edgecomp's default CPU schedules and MetaSchedule tuning buy on the host CPU: ONNX Runtime
+fp32 against TVM's plain pipeline, edgecomp untuned (default schedules) and edgecomp tuned, per
+model, in one process and one run.
 
     python tools/bench_tune.py                     # digits-cnn, mobilenetv2, minilm (fetched into bench/cache)
     python tools/bench_tune.py --quick             # digits-cnn only
-    python tools/bench_tune.py --trials mobilenetv2=192        # the budgets of bench/results/tune-2026-11-27 (28 min here)
+    python tools/bench_tune.py --trials mobilenetv2=192        # the budgets of bench/results/tune-2026-11-27
     python tools/bench_tune.py --quick --trials digits-cnn=8 --lowrank-trials 8 --out /tmp/bench-tune   # smoke test
     python tools/bench_tune.py --report-only bench/results/tune-<date>.json
 
@@ -11,9 +12,13 @@ Per model (batch 1, host target, inputs and reference from the model's eval spli
 
 1. ``ort``: ONNX Runtime on the original model (CPUExecutionProvider, ``ORT_ENABLE_ALL``,
    ``intra_op_num_threads`` = the machine's cores, ``inter_op_num_threads`` = 1);
-2. ``untuned``: ``compile_relax(rm, host)``, what ``edgecomp build`` compiles without ``--db``;
-3. ``tuned``: ``tune(rm, host, db, trials)`` (``edgecomp.targets.tuning``'s builder and runner,
-   recorded per row; a fresh database in a temporary folder, removed at the end unless
+2. ``plain``: ``compile_relax(rm, host, default_schedules=False)``: TVM's own CPU pipeline with no
+   schedules (what ``tvm.compile`` gives);
+3. ``untuned``: ``compile_relax(rm, host)``, what ``edgecomp build`` compiles without ``--db``:
+   the default schedules of ``targets/cpu_schedules.py`` (and fast math);
+4. ``tuned``: ``tune(rm, host, db, trials)`` (``edgecomp.targets.tuning``'s builder and runner,
+   recorded per row; the default schedules are measured first and recorded, so trials include
+   one per task; a fresh database in a temporary folder, removed at the end unless
    ``--keep-db``), then ``compile_relax(rm, host, db=db)``.
 
 ``rm`` is the Relax module of the graph ``edgecomp build`` compiles: the front half of the build
@@ -241,7 +246,14 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
     host = get_target("host")
     row: dict[str, Any] = {"label": case.label}
 
-    _log(f"[{case.label}] compiling untuned ...")
+    _log(f"[{case.label}] compiling with TVM's plain CPU pipeline (no schedules) ...")
+    ex = compile_relax(case.rm, host, default_schedules=False)
+    lat, out = _measure_exe(case, ex, args.block_ms, args.repeat)
+    row["plain"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
+    _log(f"[{case.label}] plain TVM: {lat['median_ms']:.4f} ms")
+    del ex
+
+    _log(f"[{case.label}] compiling untuned (default schedules) ...")
     t0 = time.perf_counter()
     ex = compile_relax(case.rm, host)
     row["untuned_compile_s"] = round(time.perf_counter() - t0, 2)
@@ -362,8 +374,8 @@ def _report(doc: dict[str, Any]) -> str:
         lines += ["", f"Note: {doc['note']}"]
     lines += [
         "",
-        "| model | ORT fp32 ms | TVM untuned ms | TVM tuned ms (trials, tuning s) | tuned/ORT | untuned/tuned | max abs err |",
-        "|---|---|---|---|---|---|---|",
+        "| model | ORT fp32 ms | TVM plain ms | edgecomp untuned ms | edgecomp tuned ms (trials, tuning s) | untuned/ORT | tuned/ORT | plain/untuned | max abs err untuned, tuned |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
         if "error" in r:
@@ -375,11 +387,15 @@ def _report(doc: dict[str, Any]) -> str:
             if "error" in row:
                 lines.append(f"| {label} | {_fmt(ort)} | FAILED: {row['error']} | | | | |")
                 continue
-            u, t, tu = row["untuned"], row["tuned"], row["tuning"]
+            u, t, tu, pl = row["untuned"], row["tuned"], row["tuning"], row.get("plain")
             lines.append(
-                f"| {label} | {_fmt(ort)} | {_fmt(u)} | {_fmt(t)} ({tu['trials_run']}/{tu['trials_requested']}, "
-                f"{tu['wall_s']:.0f} s) | {t['median_ms'] / ort['median_ms']:.2f} | {u['median_ms'] / t['median_ms']:.2f} | "
-                f"{t['max_abs_vs_ort']:.1e} |"
+                f"| {label} | {_fmt(ort)} | {_fmt(pl) if pl else '–'} | {_fmt(u)} | {_fmt(t)} ({tu['trials_run']}/{tu['trials_requested']}, "
+                f"{tu['wall_s']:.0f} s) | {u['median_ms'] / ort['median_ms']:.2f} | {t['median_ms'] / ort['median_ms']:.2f} | "
+                f"{pl['median_ms'] / u['median_ms']:.1f} | {u['max_abs_vs_ort']:.1e}, {t['max_abs_vs_ort']:.1e} |"
+                if pl else
+                f"| {label} | {_fmt(ort)} | – | {_fmt(u)} | {_fmt(t)} ({tu['trials_run']}/{tu['trials_requested']}, "
+                f"{tu['wall_s']:.0f} s) | {u['median_ms'] / ort['median_ms']:.2f} | {t['median_ms'] / ort['median_ms']:.2f} | – | "
+                f"{u['max_abs_vs_ort']:.1e}, {t['max_abs_vs_ort']:.1e} |"
             )
     lines += ["", "Details:", ""]
     for r in doc["results"]:

@@ -23,8 +23,8 @@ Per model (batch 1, host target, inputs and reference from the model's eval spli
 
 ``rm`` is the Relax module of the graph ``edgecomp build`` compiles: the front half of the build
 (``edgecomp.api._front``: import, fixed shapes, the default cleanup passes, each checked against
-ONNX Runtime) then ``to_relax``. For digits-cnn the same untuned/tuned pair is measured for the
-low-rank graph (``--lowrank``, default ``erank:1.0``: the graph ``edgecomp build --lowrank
+ONNX Runtime) then ``to_relax``. For digits-cnn (and the models of ``--lowrank-models``) the same
+rows are measured for the low-rank graph (``--lowrank``, default ``erank:1.0``: the graph ``edgecomp build --lowrank
 erank:1.0`` compiles), tuned into its own database with ``--lowrank-trials``.
 
 Latency per call, one sample: TVM through ``relax.VirtualMachine(ex, tvm.cpu()).time_evaluator(
@@ -320,7 +320,7 @@ def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -
 
     rows = []
     variants = [(name, None, trials)]
-    if name in LOWRANK_MODELS and args.lowrank and lowrank_trials > 0:
+    if name in args.lowrank_models.split(",") and args.lowrank and lowrank_trials > 0:
         variants.append((f"{name}-lowrank", args.lowrank, lowrank_trials))
     for label, lowrank, n in variants:
         try:
@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--trials", default=None, metavar="MODEL=N,...",
                     help="trial budget per model (default " + ",".join(f"{k}={v}" for k, v in DEFAULT_TRIALS.items()) + ")")
-    ap.add_argument("--lowrank", default="erank:1.0", help="low-rank policy of the extra digits-cnn rows ('' = none)")
+    ap.add_argument("--lowrank", default="erank:1.0", help="low-rank policy of the extra low-rank rows ('' = none)")
+    ap.add_argument("--lowrank-models", default=",".join(LOWRANK_MODELS), help="models that get a low-rank row (default digits-cnn)")
     ap.add_argument("--lowrank-trials", type=int, default=None, help="trial budget of the low-rank graph (default: the model's)")
     ap.add_argument("--repeat", type=int, default=30, help="timed blocks per configuration (default 30)")
     ap.add_argument("--block-ms", type=float, default=50.0, help="minimum length of a timed block (default 50 ms)")

@@ -74,9 +74,12 @@ def _bits(dtype: Any) -> int:
 
 def _rules():
     """The rule classes; built lazily so that importing edgecomp does not import TVM."""
-    from tvm import s_tir, tirx
+    from tvm import get_global_func, s_tir, tirx
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+    from tvm.tirx.analysis import undefined_vars
+
+    _has_if_then_else = get_global_func("s_tir.schedule.HasIfThenElse")
 
     def extent(sch, loop) -> int | None:
         value = sch.get(loop).extent
@@ -95,11 +98,6 @@ def _rules():
         width = largest_divisor(n, lanes)
         return width, largest_divisor(n // width, 4)
 
-    from tvm import get_global_func
-    from tvm.tirx.analysis import undefined_vars
-
-    _has_if_then_else = get_global_func("s_tir.schedule.HasIfThenElse")
-
     def body_vars(expr) -> set:
         return set(undefined_vars(expr))
 
@@ -108,7 +106,7 @@ def _rules():
 
     def inline_producers(sch, block) -> None:
         """Inline copies and elementwise producers (not padding: its branch would sit in the
-        innermost loop; a pad stays a separate, vectorized kernel)."""
+        innermost loop; a pad stays a block of its own, computed per tile)."""
         changed = True
         while changed:
             changed = False
@@ -122,6 +120,8 @@ def _rules():
                     continue
 
     def schedule_injective(sch, block, lanes: int) -> None:
+        """All loops fused, split into a vector of up to 4 registers (vectorized when it divides
+        the extent), the rest parallel when there is enough work to share."""
         loops = sch.get_loops(block)
         if not loops:
             return

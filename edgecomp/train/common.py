@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import atexit
 import os
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,23 @@ def dist_info() -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        atexit.register(_leave_process_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave_process_group() -> None:
+    """At exit of a process that joined the group here: wait for every rank, then leave.
+
+    Without it a rank that finishes first closes its gloo connections while another still
+    uses them, and that one dies of SIGABRT (seen once in CI's full-suite run of the torchrun test).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def batches(n: int, batch_size: int, generator: Any, info: DistInfo | None = None) -> list[Any]:

@@ -26,6 +26,7 @@ scheduled is marked ``tirx.is_scheduled`` and left alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -72,8 +73,9 @@ def _bits(dtype: Any) -> int:
     return DataType(str(dtype)).bits
 
 
+@functools.lru_cache(maxsize=None)
 def _rules():
-    """The rule classes; built lazily so that importing edgecomp does not import TVM."""
+    """The rule classes; built lazily (once) so that importing edgecomp does not import TVM."""
     from tvm import get_global_func, s_tir, tirx
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -138,6 +140,10 @@ def _rules():
         if n > 4096:
             sch.parallel(outer)
 
+    def _leaf_blocks(sch):
+        infos = normalize_prim_func(sch)
+        return [b.block_rv for b in infos] if infos else []
+
     class Injective(CPUScheduleRule):
         """Elementwise / broadcast / layout kernels (and the pads ``Contraction`` leaves)."""
 
@@ -158,10 +164,6 @@ def _rules():
             for b in _leaf_blocks(sch):
                 schedule_injective(sch, b, lanes)
             return sch
-
-    def _leaf_blocks(sch):
-        infos = normalize_prim_func(sch)
-        return [b.block_rv for b in infos] if infos else []
 
     class Contraction(CPUScheduleRule):
         """One multiply-accumulate block (matmul, conv2d) plus elementwise prologue/epilogue."""

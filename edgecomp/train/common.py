@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from edgecomp.errors import InputError
 
-__all__ = ["require_torch", "seed_everything", "dist_info", "DistInfo", "TrainLog", "fit", "batches"]
+__all__ = ["require_torch", "seed_everything", "dist_info", "DistInfo", "TrainLog", "fit", "batches", "epoch_values"]
 
 
 def require_torch() -> Any:
@@ -87,6 +87,22 @@ def _leave_process_group() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def epoch_values(model: Any, loss: float, epoch: int, evaluate: Callable[[Any], dict[str, Any]] | None,
+                 log: "TrainLog", hint: str = "") -> dict[str, Any]:
+    """The end of an epoch: refuse a non-finite loss, then the epoch's record (loss + ``evaluate``
+    on the model in eval mode)."""
+    import torch
+
+    if not math.isfinite(loss):
+        raise InputError(f"{log.name}: loss is {loss} at epoch {epoch}{hint}")
+    model.eval()
+    values: dict[str, Any] = {"loss": loss}
+    if evaluate is not None:
+        with torch.no_grad():
+            values.update(evaluate(model))
+    return values
 
 
 def batches(n: int, batch_size: int, generator: Any, info: DistInfo | None = None) -> list[Any]:
@@ -219,13 +235,7 @@ def fit(
             t = torch.tensor([mean], dtype=torch.float64)
             dist.all_reduce(t)
             mean = float(t) / info.world
-        if not math.isfinite(mean):
-            raise InputError(f"{log.name}: loss is {mean} at epoch {epoch} (learning rate {lr} too high?)")
-        model.eval()
-        values: dict[str, Any] = {"loss": mean}
-        if evaluate is not None:
-            with torch.no_grad():
-                values.update(evaluate(model))
+        values = epoch_values(model, mean, epoch, evaluate, log, f" (learning rate {lr} too high?)")
         values["seconds"] = round(time.perf_counter() - t0, 3)
         log.epoch(epoch, **values)
     return log.records

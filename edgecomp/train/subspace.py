@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from edgecomp.errors import InputError
-from edgecomp.train.common import TrainLog, batches, dist_info, fit
+from edgecomp.train.common import TrainLog, batches, dist_info, epoch_values, fit
 
 __all__ = [
     "Trajectory",
@@ -375,13 +375,7 @@ def pbfgs(
             count += len(idx)
             log.step(epoch, i, len(order), total / count)
         mean = total / max(count, 1)
-        if not math.isfinite(mean):
-            raise InputError(f"{log.name}: loss is {mean} at epoch {epoch}")
-        model.eval()
-        values: dict[str, Any] = {"loss": mean}
-        if evaluate is not None:
-            with torch.no_grad():
-                values.update(evaluate(model))
+        values = epoch_values(model, mean, epoch, evaluate, log)
         values["line_search_trials"] = round(trials / max(len(order), 1), 3)
         values["skipped_steps"] = skipped
         values["seconds"] = round(time.perf_counter() - t0, 3)

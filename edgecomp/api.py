@@ -42,7 +42,7 @@ from edgecomp.summary import ModelSummary, summarize
 from edgecomp.targets import Target, get_target, resolve_target
 from edgecomp.targets.kernels import emit_kernels
 from edgecomp.versions import package_versions
-from edgecomp.targets.lowering import compile_relax, elf_arch, export_library, to_relax
+from edgecomp.targets.lowering import compile_relax, elf_arch, export_library, to_relax, wants_channels_last
 
 __all__ = ["BuildResult", "build", "tune", "inspect_model", "run_bundle", "check", "tool_versions"]
 
@@ -333,7 +333,8 @@ def build(
 
     with bundle_fmt.staged_output(out, force=force, protect=[model_path]) as stage:
         with progress.stage("importing into TVM Relax"):
-            relax_model = to_relax(final, {s.name: s.shape for s in in_specs}, {s.name: s.dtype for s in in_specs})
+            relax_model = to_relax(final, {s.name: s.shape for s in in_specs}, {s.name: s.dtype for s in in_specs},
+                                   channels_last_convs=wants_channels_last(tgt, int8_arith))
         with progress.stage(f"compiling for {tgt.name} ({tgt.target_dict()})"):
             executable = compile_relax(relax_model, tgt, int8_arith=int8_arith, db=db)
         with progress.stage(f"linking {bundle_fmt.CODE}" + (f" with {tgt.cross_compiler}" if tgt.cross_compiler else "")):
@@ -385,7 +386,7 @@ def build(
             ],
             "params": [
                 {"key": k, "name": n, "shape": list(v.shape), "dtype": v.dtype.name,
-                 **({"layout": "transposed"} if n in relax_model.transposed else {})}
+                 **({"layout": relax_model.layouts[n]} if n in relax_model.layouts else {})}
                 for (k, v), n in zip(weights.items(), relax_model.param_names)
             ],
             "runtime": {
@@ -512,7 +513,8 @@ def tune(
     fr = _front(model_path, ex, shapes, reference_inputs, num_samples, calib, lowrank, int8, prune, passes, None,
                 int8_arith, tolerance, accuracy, progress)
     with progress.stage("importing into TVM Relax"):
-        relax_model = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
+        relax_model = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs},
+                               channels_last_convs=wants_channels_last(tgt, int8_arith))
     report = ms_tune(relax_model, tgt, db, trials, int8_arith=int8_arith, trials_per_task=trials_per_task,
                      tracker=where, rpc_key=rpc_key, progress=progress)
     progress.note(f"database {report.db}: {report.trials_before + report.trials_run} records")

@@ -12,8 +12,9 @@ scheduled), give each kernel a fixed, analytically chosen schedule:
   vector width), a second output axis that the vectorized operand does not depend on (the rows
   of a matmul, the output channels of a conv) is unrolled, so each vector load feeds several
   FMAs, and the accumulators live in registers (``cache_write`` to ``local``) across the
-  reduction loop; the epilogue runs on each finished tile; the outer tiles run in parallel. A 1x1
-  stride-1 conv's spatial axes are fused first, so its output is one long contiguous axis.
+  reduction loop; the epilogue runs on each finished tile; the outer tiles run in parallel. CPU
+  builds import convs as NHWC (``targets.lowering.channels_last``), so the vectorized axis is
+  the channels, wide and a multiple of the vector in most networks.
 - :class:`Injective`: elementwise, broadcast, transpose, pad and copy kernels: parallel outer
   loops, vectorized innermost axis.
 - dlight's own CPU ``Reduction`` (softmax, layer norm, mean) and ``GEMV``.
@@ -30,13 +31,10 @@ import functools
 import logging
 from typing import Any
 
-__all__ = ["default_rules", "apply_default_schedules", "schedule_report", "vector_lanes"]
+__all__ = ["default_rules", "apply_default_schedules", "schedule_report", "vector_lanes", "accumulators"]
 
 log = logging.getLogger(__name__)
 
-# Vector accumulators in one register tile: of 32 registers (AVX-512 zmm, AArch64 NEON v), leaving
-# room for the operand loads and broadcasts.
-_ACCUMULATORS = 24
 
 
 def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
@@ -67,6 +65,21 @@ def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
     return max(1, bits // dtype_bits)
 
 
+def accumulators(target: Any) -> int:
+    """Vector accumulators in one register tile: 24 of 32 registers (AVX-512 zmm, AArch64 v),
+    12 of 16 (AVX2 ymm, SSE xmm, ARMv7 NEON q), leaving room for operand loads and broadcasts."""
+    from tvm.target import codegen
+
+    try:
+        if codegen.target_has_features("avx512f", target):
+            return 24
+    except Exception:  # noqa: BLE001  (not an LLVM target LLVM knows)
+        pass
+    if bool(target.attrs.get("feature.is_aarch64", False)):
+        return 24
+    return 12
+
+
 def _bits(dtype: Any) -> int:
     from tvm.runtime import DataType
 
@@ -93,12 +106,36 @@ def _rules():
                 return d
         return 1
 
-    def vector_split(n: int, lanes: int) -> tuple[int, int]:
-        """(vector length, vectors per tile row) for an axis of extent ``n``: each vector at most
-        one register (LLVM splits a longer, odd-sized one into scalar inserts), a divisor of
-        ``n`` (no tail), up to 4 vectors a row."""
-        width = largest_divisor(n, lanes)
-        return width, largest_divisor(n // width, 4)
+    def divisors(n: int, limit: int) -> list[int]:
+        return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+    def tile_shape(n_vec: int, n_reg: int, n_row: int, lanes: int, budget: int) -> tuple[int, int, int, int]:
+        """(vector length, vectors, reg_i, row_i) of the register tile.
+
+        Each vector is at most one register (LLVM splits a longer, odd-sized one into scalar
+        inserts) and every factor divides its axis (no tails). Among the tiles of at most
+        ``budget`` accumulators, the one with the most FMAs per load: a reduction step loads
+        ``vectors * row_i`` vectors and broadcasts ``reg_i`` scalars for ``reg_i * row_i *
+        vectors`` FMAs; ties go to the larger tile (fewer, longer tasks)."""
+        width = largest_divisor(n_vec, lanes)
+        best = None
+        for v in divisors(n_vec // width, 6):
+            for r in divisors(n_reg, budget // v):
+                for w in divisors(n_row, budget // (v * r)):
+                    fmas = r * w * v
+                    key = (fmas / (v * w + (r if n_reg > 1 else v)), fmas)
+                    if best is None or key > best[0]:
+                        best = (key, (width, v, r, w))
+        return best[1]
+
+    def nbytes(regions) -> int:
+        total = 0
+        for r in regions:
+            n = 1
+            for d in r.source.shape:
+                n *= int(d) if isinstance(d, tirx.IntImm) else 1
+            total += n * _bits(r.source.dtype) // 8
+        return total
 
     def body_vars(expr) -> set:
         return set(undefined_vars(expr))
@@ -106,14 +143,23 @@ def _rules():
     def has_if_then_else(block) -> bool:
         return bool(_has_if_then_else(block))
 
+    def pads_last_axis(block) -> bool:
+        """Whether a pad block pads its buffer's innermost axis (the one vectorized)."""
+        written = block.writes[0].source
+        return not any(int(r.source.shape[-1]) == int(written.shape[-1]) for r in block.reads
+                       if len(r.source.shape) == len(written.shape) and isinstance(r.source.shape[-1], tirx.IntImm)
+                       and isinstance(written.shape[-1], tirx.IntImm))
+
     def inline_producers(sch, block) -> None:
-        """Inline copies and elementwise producers (not padding: its branch would sit in the
-        innermost loop; a pad stays a block of its own, computed per tile)."""
+        """Inline copies, elementwise producers and pads that leave the innermost axis alone
+        (NHWC: their bounds test is one branch per vector, measured faster than a pad buffer).
+        A pad of the innermost axis (NCHW) would put a branch on every lane: it stays a block of
+        its own, computed per tile."""
         changed = True
         while changed:
             changed = False
             for producer in sch.get_producers(block):
-                if has_if_then_else(sch.get(producer)):
+                if has_if_then_else(sch.get(producer)) and pads_last_axis(sch.get(producer)):
                     continue
                 try:
                     sch.compute_inline(producer)
@@ -221,28 +267,40 @@ def _rules():
 
             # The register tile: [reg_i, row_i, vec_i] accumulators, vec_i vectorized along the
             # innermost output axis; reg: an output axis the vector operand does not depend on (each
-            # vector load feeds reg_i FMAs: a matmul's rows, a conv's output channels); row: the
-            # next output axis out when the vector operand does depend on it (a conv's rows).
+            # vector load feeds reg_i FMAs: a matmul's rows, an NCHW conv's output channels, an
+            # NHWC conv's columns); row: the next output axis out when the vector operand does
+            # depend on it (an NCHW conv's rows, a depthwise NHWC conv's columns). (Fusing an NHWC
+            # conv's rows and columns into one reg axis measured up to 3x slower: the tiles then
+            # sweep the whole image per channel block instead of sharing input rows.)
             pos = [lp for _, lp in spatial].index(vec[1])
             before = [(iv, lp) for iv, lp in spatial[:pos] if extent(sch, lp) > 1]
             reg = next(((iv, lp) for iv, lp in reversed(before) if iv.var not in used_by_vec_operand), None)
             row = before[-1] if before and before[-1] is not reg and before[-1][0].var in used_by_vec_operand else None
-            width, vectors = vector_split(extent(sch, vec[1]), lanes)
-            budget = max(1, _ACCUMULATORS // vectors)
-            ri = largest_divisor(extent(sch, reg[1]), min(8, budget)) if reg is not None else 1
-            wi = largest_divisor(extent(sch, row[1]), max(1, budget // ri)) if row is not None else 1
-            # Tiles in parallel, the register axis's tiles innermost: consecutive tiles then share
-            # the vector operand's panel (a matmul's K x N-tile of B, a conv's input rows), which
-            # stays in cache, while the other operand's slices cycle.
+            width, vectors, ri, wi = tile_shape(
+                extent(sch, vec[1]), extent(sch, reg[1]) if reg else 1, extent(sch, row[1]) if row else 1,
+                lanes, accumulators(target))
+            # Tiles in parallel, ordered so that the larger operand streams through the cache once:
+            # when the vector operand (weights, a matmul's B) is the larger, the vector-axis tiles
+            # are outermost, so consecutive tiles share its panel (K x one tile of N) while the
+            # smaller operand's slices cycle (MobileNetV2's 7x7 layers: 1.6 MB of weights, 63 KB
+            # of input); otherwise the other way round (its 112x112 layers: a 800 KB input, 6 KB
+            # of weights: each input row is used for every channel block while in cache; depthwise
+            # convs, with no reg axis, too).
             split = {}
             for name, axis, factor in (("reg", reg, ri), ("row", row, wi)):
                 if axis is not None:
                     split[name] = sch.split(axis[1], factors=[None, factor])
             v_o, v_m, v_i = sch.split(vec[1], factors=[None, vectors, width])
             tiled = {id(a[1]) for a in (reg, row, vec) if a is not None}
-            outer_order = [lp for _, lp in spatial if id(lp) not in tiled]
-            outer_order += [split["row"][0]] if "row" in split else []
-            outer_order += [v_o] + ([split["reg"][0]] if "reg" in split else [])
+            others = [lp for _, lp in spatial if id(lp) not in tiled]
+            others += [split["row"][0]] if "row" in split else []
+            others += [split["reg"][0]] if "reg" in split else []
+            other_operands = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)
+                              and not any(r.source.same_as(v.source) for v in vec_operand)]
+            if reg is not None and nbytes(vec_operand) >= nbytes(other_operands):
+                outer_order = [v_o] + others
+            else:
+                outer_order = others[:-1] + [v_o] + others[-1:] if "reg" in split else others + [v_o]
             inner_order = [split[k][1] for k in ("reg", "row") if k in split] + [v_m, v_i]
             v_i = inner_order[-1]
             red_loops = [lp for _, lp in reduce]

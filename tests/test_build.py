@@ -48,13 +48,16 @@ def test_digits_host_manifest(digits_host_bundle):
     # Weights live apart from the code: every initializer is in weights.npz, with the same values.
     model = onnx.load(str(get_example("digits").model_path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    # Fully connected weights (Gemm transB=1) are stored transposed, [K, N], and say so.
+    # Fully connected weights (Gemm transB=1) are stored transposed, [K, N], conv weights HWIO (the
+    # host's code is NHWC), biases as [1, 1, 1, C]; the manifest says which.
+    undo = {"transposed": lambda a: a.T, "HWIO": lambda a: a.transpose(3, 2, 0, 1), None: lambda a: a}
     with np.load(digits_host_bundle.path / "weights.npz") as w:
-        stored = {p["name"]: w[p["key"]].T if p.get("layout") == "transposed" else w[p["key"]] for p in m["params"]}
+        stored = {p["name"]: undo[p.get("layout")](w[p["key"]]) for p in m["params"]}
     assert set(stored) == set(inits)
-    assert {p["name"] for p in m["params"] if p.get("layout")} == {"6.weight", "8.weight"}
+    assert {p["name"]: p["layout"] for p in m["params"] if p.get("layout")} == {
+        "6.weight": "transposed", "8.weight": "transposed", "0.weight": "HWIO", "2.weight": "HWIO"}
     for name, value in inits.items():
-        np.testing.assert_array_equal(stored[name], value)
+        np.testing.assert_array_equal(stored[name].reshape(value.shape), value)
     assert "accuracy" in (digits_host_bundle.path / "report.md").read_text()
 
 

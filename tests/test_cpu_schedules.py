@@ -92,34 +92,37 @@ def _ort(model, x, optimize=True):
     return sess.run(None, {"x": x})[0]
 
 
-def _tvm(model, x, target=HOST, **kw):
-    rm = to_relax(model, {"x": x.shape}, {"x": "float32"})
+def _tvm(model, x, target=HOST, channels_last=False, **kw):
+    rm = to_relax(model, {"x": x.shape}, {"x": "float32"}, channels_last_convs=channels_last)
     ex = compile_relax(rm, target, **kw)
     vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in rm.params])
     return (out if hasattr(out, "numpy") else out[0]).numpy()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_default_schedules_match_onnxruntime(case):
+def test_default_schedules_match_onnxruntime(case, layout):
+    """Both layouts: NHWC is what CPU builds compile, NCHW what they compile with --int8-arith."""
     model = CASES[case]()
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = RNG.standard_normal(shape).astype(np.float32)
     want = _ort(model, x)
-    got = _tvm(model, x)
+    got = _tvm(model, x, channels_last=layout == "nhwc")
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("target", [HOST, ARM64], ids=["host", "arm64"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_contraction_is_scheduled(case, target):
+def test_every_contraction_is_scheduled(case, target, layout):
     """The rule takes every conv/matmul kernel (a rule that stops applying is a slow build)."""
     from edgecomp.targets.cpu_schedules import schedule_report
 
     model = CASES[case]()
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    rm = to_relax(model, {"x": tuple(shape)}, {"x": "float32"})
+    rm = to_relax(model, {"x": tuple(shape)}, {"x": "float32"}, channels_last_convs=layout == "nhwc")
     report = schedule_report(prepare_module(rm, target), target.tvm())
     kernels = {k: v for k, v in report.items() if "conv" in k or "matmul" in k}
     assert kernels and all(v == "Contraction" for v in kernels.values()), report
@@ -193,3 +196,77 @@ def test_gemm_weights_are_stored_transposed_exactly():
     w = numpy_helper.to_array(wq).astype(np.float32) * numpy_helper.to_array(scale)[:, None]
     got = _tvm(qt, x)
     np.testing.assert_allclose(got, x @ w.T + numpy_helper.to_array(q.graph.initializer[3]), atol=1e-5)
+
+
+def mobilenet_block(int8_weights=False):
+    """A MobileNetV2-style block as exporters write it: 3x3/s2 conv + ReLU6 (Clip), depthwise +
+    ReLU6, 1x1 projection, a residual Add, global average pool, flatten, classifier Gemm. With
+    ``int8_weights`` the projection's weight is int8 behind a per-channel DequantizeLinear."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4, group=16),
+        helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3", "B3"], ["c3"], kernel_shape=[1, 1]),
+        helper.make_node("Add", ["c3", "r1"], ["s"]),
+        helper.make_node("GlobalAveragePool", ["s"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "Wc", "Bc"], ["y"], transB=1),
+    ]
+    inits = [_w(16, 3, 3, 3, name="W1"), _w(16, name="B1"), _w(16, 1, 3, 3, name="W2"), _w(16, name="B2"),
+             _w(16, 16, 1, 1, name="W3"), _w(16, name="B3"), _w(10, 16, name="Wc"), _w(10, name="Bc"),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    if int8_weights:
+        inits[4] = numpy_helper.from_array(RNG.integers(-127, 127, (16, 16, 1, 1)).astype(np.int8), "W3q")
+        inits += [numpy_helper.from_array(RNG.uniform(0.005, 0.01, 16).astype(np.float32), "s3"),
+                  numpy_helper.from_array(np.zeros(16, np.int8), "z3")]
+        nodes.insert(0, helper.make_node("DequantizeLinear", ["W3q", "s3", "z3"], ["W3"], axis=0))
+    return _model(nodes, (1, 3, 16, 16), (1, 10), inits)
+
+
+@pytest.mark.parametrize("int8_weights", [False, True], ids=["fp32", "int8-weights"])
+def test_channels_last_import_is_exact_and_prepacks_the_weights(int8_weights):
+    """CPU builds import convs as NHWC/HWIO: ReLU6 (Clip with constant bounds) imports as
+    maximum/minimum so the layout flows through it; only the input and the pooled output are
+    transposed at run time, never a weight (their transposes are applied to the stored values,
+    int8 ones too, whose quantization axis follows); same numbers as ONNX Runtime."""
+    from edgecomp.targets.lowering import channels_last
+
+    model = mobilenet_block(int8_weights)
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    nchw = to_relax(model, {"x": x.shape}, {"x": "float32"})
+    assert "call_tir" not in nchw.mod["main"].script()  # Clip → R.maximum / R.minimum
+    rm = channels_last(nchw)
+    main = rm.mod["main"].script()
+    assert main.count("R.permute_dims(") <= 2 and "R.permute_dims(x" in main
+    assert main.count('data_layout="NHWC", kernel_layout="HWIO"') == 3
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    stored = dict(zip(rm.param_names, rm.params))
+    w3 = "W3q" if int8_weights else "W3"
+    assert {n: rm.layouts[n] for n in ("W1", "W2", w3)} == {"W1": "HWIO", "W2": "HWIO", w3: "HWIO"}
+    for name in ("W1", "W2", w3):
+        np.testing.assert_array_equal(stored[name], inits[name].transpose(2, 3, 1, 0))
+    assert stored[w3].dtype == (np.int8 if int8_weights else np.float32)
+    assert stored["B1"].reshape(-1).tolist() == inits["B1"].tolist()  # bias: same order, [1, 1, 1, C]
+    want = _ort(model, x, optimize=not int8_weights)
+    np.testing.assert_allclose(_tvm(model, x, channels_last=True), want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_tvm(model, x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_only_where_the_code_wants_it():
+    from edgecomp.targets.lowering import wants_channels_last
+
+    assert wants_channels_last(HOST) and wants_channels_last(ARM64) and wants_channels_last(get_target("armv7"))
+    assert not wants_channels_last(HOST, int8_arith=True)  # its rewrite folds weight sums in OIHW
+    assert not wants_channels_last(get_target("mali")) and not wants_channels_last(get_target("cuda"))
+
+
+def test_clip_with_a_nan_bound_keeps_tvms_conversion():
+    """ONNX treats a NaN Clip bound as no bound; TVM's own conversion handles that, so only
+    constant, non-NaN bounds become maximum/minimum."""
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(np.nan, np.float32), "lo"), numpy_helper.from_array(np.array(0.5, np.float32), "hi")]
+    model = _model(nodes, (2, 8), (2, 8), inits)
+    x = RNG.standard_normal((2, 8)).astype(np.float32)
+    assert "call_tir" in to_relax(model, {"x": x.shape}, {"x": "float32"}).mod["main"].script()
+    np.testing.assert_array_equal(_tvm(model, x), _ort(model, x))

@@ -510,7 +510,7 @@ def test_cli_channel_prune_digits_end_to_end(capsys, tmp_path):
     assert {r["name"] for r in p["layers"] if r["decision"] == "pruned"} == {"/0/Conv", "/2/Conv", "/6/Gemm"}
     # the bundle's weights really are smaller: what the manifest lists is what the code runs with
     shapes = sorted(tuple(q["shape"]) for q in m["params"])
-    assert (12, 1, 3, 3) in shapes and (24, 12, 3, 3) in shapes
+    assert (3, 3, 1, 12) in shapes and (3, 3, 12, 24) in shapes  # conv weights stored HWIO (NHWC host code)
     assert sum(int(np.prod(s)) for s in shapes) == p["params"][1]
     assert m["verification"]["numerics"]["ok"]
     assert m["verification"]["evaluation"]["compiled_accuracy"] > 0.9

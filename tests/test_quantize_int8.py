@@ -129,9 +129,11 @@ def test_compiled_int8_bundle_matches_onnxruntime_int8(tmp_path):
         assert "int8" in dtypes  # weights are stored as int8 in the bundle
         w = b.weights()
         int8_shapes = sorted(a.shape for a in w.values() if a.dtype == np.int8 and a.ndim > 1)
-        # the fully connected (Gemm transB=1) weights are stored [K, N], int8 kept, and say so
-        assert int8_shapes == [(8, 2, 3, 3), (32, 10), (288, 32)]
+        # the fully connected (Gemm transB=1) weights are stored [K, N], the conv weight HWIO (NHWC
+        # code), int8 kept, and say so
+        assert int8_shapes == [(3, 3, 2, 8), (32, 10), (288, 32)]
         assert sorted(tuple(p["shape"]) for p in b.manifest["params"] if p.get("layout") == "transposed") == [(32, 10), (288, 32)]
+        assert [tuple(p["shape"]) for p in b.manifest["params"] if p.get("layout") == "HWIO"] == [(3, 3, 2, 8)]
         assert not any(a.dtype == np.float32 and a.ndim > 1 for a in w.values())  # no float copy
     finally:
         b.close()

@@ -12,8 +12,8 @@ Per model (batch 1, host target, inputs and reference from the model's eval spli
 
 1. ``ort``: ONNX Runtime on the original model (CPUExecutionProvider, ``ORT_ENABLE_ALL``,
    ``intra_op_num_threads`` = the machine's cores, ``inter_op_num_threads`` = 1);
-2. ``plain``: ``compile_relax(rm, host, default_schedules=False)``: TVM's own CPU pipeline with no
-   schedules (what ``tvm.compile`` gives);
+2. ``plain``: ``compile_relax(rm_plain, host, default_schedules=False)``: TVM's own CPU pipeline
+   with no schedules on the import as it is (NCHW convs): what ``tvm.compile`` gives;
 3. ``untuned``: ``compile_relax(rm, host)``, what ``edgecomp build`` compiles without ``--db``:
    the default schedules of ``targets/cpu_schedules.py`` (and fast math);
 4. ``tuned``: ``tune(rm, host, db, trials)`` (``edgecomp.targets.tuning``'s builder and runner,
@@ -23,7 +23,7 @@ Per model (batch 1, host target, inputs and reference from the model's eval spli
 
 ``rm`` is the Relax module of the graph ``edgecomp build`` compiles: the front half of the build
 (``edgecomp.api._front``: import, fixed shapes, the default cleanup passes, each checked against
-ONNX Runtime) then ``to_relax``. For digits-cnn (and the models of ``--lowrank-models``) the same
+ONNX Runtime) then ``to_relax`` with the host's layout (NHWC convs, HWIO weights stored so). For digits-cnn (and the models of ``--lowrank-models``) the same
 rows are measured for the low-rank graph (``--lowrank``, default ``erank:1.0``: the graph ``edgecomp build --lowrank
 erank:1.0`` compiles), tuned into its own database with ``--lowrank-trials``.
 
@@ -211,29 +211,31 @@ def _task_names(rm) -> dict[str, str]:
 class _Case:
     """One compiled graph (dense or low rank) of one model: its Relax module and its reference."""
 
-    def __init__(self, label: str, graph, rm, in_specs, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
+    def __init__(self, label: str, graph, rm, rm_plain, in_specs, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
         import tvm
 
-        self.label, self.graph, self.rm, self.in_specs, self.feeds = label, graph, rm, in_specs, feeds
+        # rm: what `edgecomp build --target host` compiles (NHWC convs); rm_plain: the import as is
+        self.label, self.graph, self.rm, self.rm_plain, self.in_specs, self.feeds = label, graph, rm, rm_plain, in_specs, feeds
         self.sess = _ort_session(graph, threads)
         self.reference = [self.sess.run(None, f) for f in feeds]
-        self.tparams = [tvm.runtime.tensor(p) for p in rm.params]
+        self.tparams = {id(m): [tvm.runtime.tensor(p) for p in m.params] for m in (rm, rm_plain)}
 
-    def args(self, feed: dict[str, np.ndarray]) -> list:
+    def args(self, feed: dict[str, np.ndarray], rm) -> list:
         import tvm
 
-        return [tvm.runtime.tensor(np.ascontiguousarray(feed[s.name])) for s in self.in_specs] + self.tparams
+        return [tvm.runtime.tensor(np.ascontiguousarray(feed[s.name])) for s in self.in_specs] + self.tparams[id(rm)]
 
 
-def _measure_exe(case: _Case, ex, block_ms: float, repeat: int) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+def _measure_exe(case: _Case, ex, block_ms: float, repeat: int, plain: bool = False) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
     import tvm
     from tvm import relax
 
     from edgecomp.bundle import _flatten
 
+    rm = case.rm_plain if plain else case.rm
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    outputs = [[np.asarray(o) for o in _flatten(vm["main"](*case.args(f)))] for f in case.feeds]
-    latency = _time_tvm(vm, case.args(case.feeds[0]), block_ms, repeat)
+    outputs = [[np.asarray(o) for o in _flatten(vm["main"](*case.args(f, rm)))] for f in case.feeds]
+    latency = _time_tvm(vm, case.args(case.feeds[0], rm), block_ms, repeat)
     return latency, outputs
 
 
@@ -247,8 +249,8 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
     row: dict[str, Any] = {"label": case.label}
 
     _log(f"[{case.label}] compiling with TVM's plain CPU pipeline (no schedules) ...")
-    ex = compile_relax(case.rm, host, default_schedules=False)
-    lat, out = _measure_exe(case, ex, args.block_ms, args.repeat)
+    ex = compile_relax(case.rm_plain, host, default_schedules=False)
+    lat, out = _measure_exe(case, ex, args.block_ms, args.repeat, plain=True)
     row["plain"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
     _log(f"[{case.label}] plain TVM: {lat['median_ms']:.4f} ms")
     del ex
@@ -301,7 +303,8 @@ def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None):
 
 def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -> dict[str, Any]:
     from edgecomp.bench.models import fetch
-    from edgecomp.targets.lowering import to_relax
+    from edgecomp.targets import get_target
+    from edgecomp.targets.lowering import to_relax, wants_channels_last
 
     threads = os.cpu_count() or 1
     assets = fetch(name, quiet=True)
@@ -325,8 +328,9 @@ def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -
     for label, lowrank, n in variants:
         try:
             fr = _front(assets, shapes, lowrank)
-            rm = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
-            case = _Case(label, fr.final, rm, fr.in_specs, feeds, threads)
+            specs = ({s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
+            rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host")))
+            case = _Case(label, fr.final, rm, to_relax(fr.final, *specs), fr.in_specs, feeds, threads)
             row = _run_case(case, n, db_root, args, original_ref if lowrank else None)
             row["lowrank"] = lowrank
             row["params"] = int(sum(p.size for p in rm.params))
@@ -449,7 +453,8 @@ def _warm_up(db: Path) -> float:
     assets = fetch("digits-cnn", quiet=True)
     shapes = {i["name"]: tuple(i["shape"]) for i in assets.meta["inputs"]}
     fr = _front(assets, shapes, None)
-    rm = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
+    rm = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs},
+                  channels_last_convs=True)
     compile_relax(rm, get_target("host"))
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     tune(rm, get_target("host"), db, 1)

@@ -116,14 +116,18 @@ def _rules():
         inserts) and every factor divides its axis (no tails). Among the tiles of at most
         ``budget`` accumulators, the one with the most FMAs per load: a reduction step loads
         ``vectors * row_i`` vectors and broadcasts ``reg_i`` scalars for ``reg_i * row_i *
-        vectors`` FMAs; ties go to the larger tile (fewer, longer tasks)."""
+        vectors`` FMAs; ties go to the larger tile (fewer, longer tasks). Without a reg axis
+        (depthwise convs) every load feeds one FMA whatever the shape."""
         width = largest_divisor(n_vec, lanes)
         best = None
         for v in divisors(n_vec // width, 6):
             for r in divisors(n_reg, budget // v):
                 for w in divisors(n_row, budget // (v * r)):
                     fmas = r * w * v
-                    key = (fmas / (v * w + (r if n_reg > 1 else v)), fmas)
+                    if n_reg > 1:
+                        key = (fmas / (v * w + r), fmas)
+                    else:  # every load feeds one FMA (depthwise): the largest tile, then the most
+                        key = (fmas, v)  # vectors (a pixel's channels contiguous: MobileNetV2's 112x112 ones 1.3x)
                     if best is None or key > best[0]:
                         best = (key, (width, v, r, w))
         return best[1]
@@ -323,7 +327,14 @@ def _rules():
             for lp in inner_order[:-1]:
                 sch.unroll(lp)
             sch.vectorize(v_i)
-            par = sch.fuse(*outer_order) if len(outer_order) > 1 else outer_order[0]
+            if outer_order[0] is v_o and len(outer_order) > 1 and extent(sch, v_o) >= 8:
+                # weights streamed once: each task owns a panel and runs all its tiles (measured
+                # 4% faster on MobileNetV2 than interleaving the same tiles across the threads)
+                par = v_o
+                if len(outer_order) > 2:
+                    sch.fuse(*outer_order[1:])
+            else:
+                par = sch.fuse(*outer_order) if len(outer_order) > 1 else outer_order[0]
             # the producers left (pads) are computed per tile, just before it reads them, while
             # they are in cache: a few rows of one channel, not a second pass over the tensor
             for producer in sch.get_producers(main):

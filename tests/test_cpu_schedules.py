@@ -75,6 +75,8 @@ def gemm(m, k, n):
 CASES = {
     "conv1x1-14": lambda: conv_block(32, 48, 14, 1, 1, 1),
     "conv1x1-7": lambda: conv_block(40, 24, 7, 1, 1, 1, relu6=False),
+    "conv1x1-7-wide": lambda: conv_block(64, 256, 7, 1, 1, 1),  # weights > input: one panel per task
+    "depthwise-wide-s2": lambda: conv_block(64, 64, 14, 3, 2, 64),  # several vectors of channels per pixel
     "conv3x3-s1": lambda: conv_block(8, 16, 12, 3, 1, 1),
     "conv3x3-s2": lambda: conv_block(3, 16, 16, 3, 2, 1),
     "depthwise-s1": lambda: conv_block(24, 24, 14, 3, 1, 24),

@@ -289,7 +289,9 @@ def channels_last(relax_model: RelaxModel) -> RelaxModel:
             values[b.var] = (i, np.ascontiguousarray(array.transpose(axes)), order.transpose(axes))
             new_value[b.var] = ("dequantize", dq, axes.index(axis))
             final[i] = b.var
-        elif arg in values and (layout_call(value, "relax.permute_dims") or layout_call(value, "relax.reshape")):
+        elif arg in values and new_value.get(arg, ("param",))[0] == "param" and (
+                layout_call(value, "relax.permute_dims") or layout_call(value, "relax.reshape")):
+            # (a chain through a dequantize ends at its permute_dims: its value is fp32 from there)
             i, array, order = values[arg]
             if layout_call(value, "relax.permute_dims"):
                 axes = [int(a) for a in value.attrs.axes] if value.attrs.axes is not None else list(range(array.ndim))[::-1]

@@ -17,7 +17,8 @@ scheduled), give each kernel a fixed, analytically chosen schedule:
   the channels, wide and a multiple of the vector in most networks.
 - :class:`Injective`: elementwise, broadcast, transpose, pad and copy kernels: parallel outer
   loops, vectorized innermost axis.
-- dlight's own CPU ``Reduction`` (softmax, layer norm, mean) and ``GEMV``.
+- :class:`RowReduction`: softmax, layer norm: rows in parallel, reductions as vector partial sums.
+- dlight's own CPU ``GEMV`` and ``Reduction`` (the reductions RowReduction does not take).
 
 The tile sizes are functions of the target's vector width (LLVM's for the target: 16 fp32 lanes
 with AVX-512, 8 with AVX2, 4 with NEON) and its register count, not of measurements on one
@@ -422,7 +423,83 @@ def _rules():
                     return False
             return after[-1]
 
-    return Contraction, Injective
+    class RowReduction(CPUScheduleRule):
+        """Row-wise reductions with their elementwise neighbours (softmax, layer norm): every
+        block spans the same leading row axes plus, at most, one trailing column axis (reduced or
+        not). The rows run in parallel, each computed whole (its blocks one after another, a row in
+        cache); each reduction is split by the vector width and ``rfactor``-ed into vector partial
+        sums, the elementwise blocks vectorized. dlight's CPU ``Reduction`` leaves each row sum a
+        serial chain of dependent adds (MiniLM's softmax: 0.43 ms against 0.35 unscheduled)."""
+
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if not infos or not any(b.is_reduction() for b in infos) or infos[-1].is_reduction():
+                return None
+            names = [sch.get(b.block_rv).name_hint for b in infos]
+            shapes = []
+            for b in infos:
+                dom = [(iv.iter_type, iv.dom.extent) for iv in sch.get(b.block_rv).iter_vars]
+                if any(not isinstance(e, tirx.IntImm) for _, e in dom):
+                    return None
+                shapes.append([(t, int(e)) for t, e in dom])
+            last = shapes[-1]
+            if len(last) < 2 or any(t != tirx.IterVar.DataPar for t, _ in last):
+                return None
+            rows, cols = [e for _, e in last[:-1]], last[-1][1]
+            for shape, info in zip(shapes, infos):
+                extents = [e for _, e in shape]
+                if extents == rows:  # a per-row scalar (a mean)
+                    continue
+                if extents != rows + [cols] or any(t != tirx.IterVar.DataPar for t, _ in shape[:-1]):
+                    return None
+                if info.is_reduction() != (shape[-1][0] == tirx.IterVar.CommReduce):
+                    return None
+            lanes = vector_lanes(target, _bits(sch.get(infos[-1].block_rv).writes[0].source.dtype))
+            if cols % lanes:
+                return None
+            rfactored = []
+            for name, shape in zip(names, shapes):
+                if shape[-1][0] != tirx.IterVar.CommReduce:
+                    continue
+                block = sch.get_sblock(name)
+                _, inner = sch.split(sch.get_loops(block)[-1], factors=[None, lanes])
+                rfactored.append((name, sch.rfactor(inner, factor_axis=len(rows))))
+            out = sch.get_sblock(names[-1])
+            loops = sch.get_loops(out)
+            row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            for name in reversed(names[:-1]):
+                for rf_name, rf in rfactored:
+                    if rf_name == name:
+                        sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+                        sch.compute_at(rf, row, preserve_unit_loops=True)
+                        break
+                else:
+                    sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+            sch.parallel(row)
+            vectors = []
+            for name, shape in zip(names, shapes):
+                if shape[-1][0] == tirx.IterVar.DataPar and [e for _, e in shape] != rows:
+                    block = sch.get_sblock(name)
+                    vectors.append(sch.split(sch.get_loops(block)[-1], factors=[None, lanes])[1])
+            for loop in vectors:
+                sch.vectorize(loop)
+            for _, rf in rfactored:  # vector partial sums: vectorize, then split off their init
+                a, b = sch.get_loops(rf)[-2:]  # the partial-sum axis and the reduced one, in either order
+                try:
+                    sch.vectorize(b)
+                    r_o = a
+                except Exception:  # noqa: BLE001  (b is the reduced one: swap them)
+                    sch.reorder(b, a)
+                    sch.vectorize(a)
+                    r_o = b
+                init = sch.decompose_reduction(rf, r_o)
+                sch.vectorize(sch.get_loops(init)[-1])
+            return sch
+
+    return Contraction, Injective, RowReduction
 
 
 def _guarded(rule):
@@ -447,8 +524,8 @@ def default_rules() -> list:
     """The CPU rules, most specific first (edgecomp's, then dlight's)."""
     from tvm.s_tir import dlight
 
-    contraction, injective = _rules()
-    return [_guarded(r) for r in (contraction(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), injective())]
+    contraction, injective, row_reduction = _rules()
+    return [_guarded(r) for r in (contraction(), row_reduction(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), injective())]
 
 
 def schedule_report(mod: Any, target: Any) -> dict[str, str]:
@@ -475,8 +552,8 @@ def apply_default_schedules():
     return dlight.ApplyDefaultSchedule(*default_rules())
 
 
-def __getattr__(name: str):  # Contraction / Injective for readers and tests, built on first use
-    if name in ("Contraction", "Injective"):
-        contraction, injective = _rules()
-        return {"Contraction": contraction, "Injective": injective}[name]
+def __getattr__(name: str):  # Contraction / Injective / RowReduction for readers and tests, built on first use
+    if name in ("Contraction", "Injective", "RowReduction"):
+        contraction, injective, row_reduction = _rules()
+        return {"Contraction": contraction, "Injective": injective, "RowReduction": row_reduction}[name]
     raise AttributeError(name)

@@ -72,6 +72,15 @@ def gemm(m, k, n):
     return _model(nodes, (m, k), (m, n), [_w(n, k, name="W"), _w(n, name="B")])
 
 
+def softmax_rows(rows, cols):
+    return _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], (1, rows, cols), (1, rows, cols), [])
+
+
+def layer_norm(rows, cols):
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    return _model(nodes, (1, rows, cols), (1, rows, cols), [_w(cols, name="g"), _w(cols, name="b")])
+
+
 CASES = {
     "conv1x1-14": lambda: conv_block(32, 48, 14, 1, 1, 1),
     "conv1x1-7": lambda: conv_block(40, 24, 7, 1, 1, 1, relu6=False),
@@ -83,6 +92,10 @@ CASES = {
     "depthwise-s2": lambda: conv_block(24, 24, 14, 3, 2, 24),
     "matmul-gelu": lambda: matmul_gelu(16, 48, 40),
     "gemm-transB": lambda: gemm(2, 36, 20),
+}
+ROW_CASES = {
+    "softmax": lambda: softmax_rows(24, 64),
+    "layer-norm": lambda: layer_norm(12, 96),
 }
 
 
@@ -272,3 +285,18 @@ def test_clip_with_a_nan_bound_keeps_tvms_conversion():
     x = RNG.standard_normal((2, 8)).astype(np.float32)
     assert "call_tir" in to_relax(model, {"x": x.shape}, {"x": "float32"}).mod["main"].script()
     np.testing.assert_array_equal(_tvm(model, x), _ort(model, x))
+
+
+@pytest.mark.parametrize("case", sorted(ROW_CASES))
+def test_row_reductions_are_vector_partial_sums_and_match_onnxruntime(case):
+    """Softmax and layer norm: RowReduction takes them (rows in parallel, rfactor-ed vector
+    partial sums), the same numbers as ORT up to summation order."""
+    from edgecomp.targets.cpu_schedules import schedule_report
+
+    model = ROW_CASES[case]()
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = (RNG.standard_normal(shape) * 3).astype(np.float32)
+    rm = to_relax(model, {"x": tuple(shape)}, {"x": "float32"})
+    report = schedule_report(prepare_module(rm, HOST), HOST.tvm())
+    assert "RowReduction" in report.values(), report
+    np.testing.assert_allclose(_tvm(model, x), _ort(model, x), atol=1e-5, rtol=1e-4)

@@ -35,9 +35,10 @@ per configuration so that a block lasts at least ``--block-ms``, and R (``--repe
 that the blocks take about 20 s (at least 10 blocks); median and p10–p90 over the R blocks. TVM threads: TVM's default (its thread pool uses all cores; ``TVM_NUM_THREADS`` is
 removed from the environment), the core count MetaSchedule tunes for (``num-cores``).
 
-Each model is measured in a process of its own (a tuning run leaves MetaSchedule's worker process
-and thread pools behind: MobileNetV2's untuned latency measured after digits-cnn's tuning in the
-same process read 9.8 ms, 6.4 ms in a fresh one).
+Each model is measured in a process of its own, and each tuned build is timed in another fresh
+process (a tuning run leaves MetaSchedule's worker process and thread pools behind: MobileNetV2's
+untuned latency measured after digits-cnn's tuning in the same process read 9.8 ms, 6.4 ms in a
+fresh one).
 
 Numerics: the outputs of the untuned and the tuned code on ``--check-samples`` eval samples
 against ONNX Runtime on the same graph (max abs error), so a wrong schedule cannot pass as
@@ -283,15 +284,39 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
     _log(f"[{case.label}] tuned: {report.trials_run} trials over {report.tasks} task(s) in {wall:.0f} s "
          f"({row['tuning']['failed_candidates']} failed candidate(s), "
          f"{row['tuning']['workloads_without_valid_record']} workload(s) without a valid record)")
+    row.update(_tuned_in_child(case.label, db, args))
+    _log(f"[{case.label}] tuned: {row['tuned']['median_ms']:.4f} ms, max abs {row['tuned']['max_abs_vs_ort']:.2e}")
+    return row
+
+
+def _measure_tuned(case: _Case, db: Path, args, original_ref) -> dict[str, Any]:
+    """The tuned build of ``case`` from database ``db``: compile, time, check (the second half of a
+    row, run by :func:`_tuned_in_child` in a process that did not tune)."""
+    from edgecomp.targets import get_target
+    from edgecomp.targets.lowering import compile_relax
+
     t0 = time.perf_counter()
-    ex = compile_relax(case.rm, host, db=db)
-    row["tuned_compile_s"] = round(time.perf_counter() - t0, 2)
+    ex = compile_relax(case.rm, get_target("host"), db=db)
+    row: dict[str, Any] = {"tuned_compile_s": round(time.perf_counter() - t0, 2)}
     lat, out = _measure_exe(case, ex, args.block_ms, args.repeat)
     row["tuned"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
     if original_ref is not None:
         row["tuned"]["max_abs_vs_original"] = _max_abs(out, original_ref)
-    _log(f"[{case.label}] tuned: {lat['median_ms']:.4f} ms, max abs {row['tuned']['max_abs_vs_ort']:.2e}")
     return row
+
+
+def _tuned_in_child(label: str, db: Path, args) -> dict[str, Any]:
+    """``_measure_tuned`` for row ``label`` in a fresh process (the tuning process runs slower
+    afterwards: see ``_measure_in_child``)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="edgecomp-bench-tune-tuned-") as tmp:
+        dest = Path(tmp) / "tuned.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--tuned-child", label, str(db), str(dest)]
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not dest.exists():
+            raise RuntimeError(f"the process timing the tuned build of {label} exited with status {proc.returncode}")
+        return json.loads(dest.read_text())
 
 
 def _measure_in_child(name: str, db_root: Path, argv: list[str]) -> dict[str, Any]:
@@ -321,17 +346,31 @@ def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None):
     return fr
 
 
-def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -> dict[str, Any]:
-    from edgecomp.bench.models import fetch
+def _case(label: str, assets, shapes, lowrank: str | None, feeds, threads: int):
+    """The ``_Case`` of one row (the graph ``edgecomp build`` compiles) and its front-half result."""
     from edgecomp.targets import get_target
     from edgecomp.targets.lowering import to_relax, wants_channels_last
 
-    threads = os.cpu_count() or 1
+    fr = _front(assets, shapes, lowrank)
+    specs = ({s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
+    rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host")))
+    return _Case(label, fr.final, rm, to_relax(fr.final, *specs), fr.in_specs, feeds, threads), fr
+
+
+def _model_inputs(name: str, args):
+    from edgecomp.bench.models import fetch
+
     assets = fetch(name, quiet=True)
     shapes = {i["name"]: tuple(i["shape"]) for i in assets.meta["inputs"]}
     arrays = assets.arrays("eval")
     count = min(args.check_samples, len(arrays[next(iter(shapes))]))
-    feeds = [{k: arrays[k][i] for k in shapes} for i in range(count)]
+    return assets, shapes, [{k: arrays[k][i] for k in shapes} for i in range(count)]
+
+
+def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -> dict[str, Any]:
+    threads = os.cpu_count() or 1
+    assets, shapes, feeds = _model_inputs(name, args)
+    count = len(feeds)
 
     result: dict[str, Any] = {"model": name, "inputs": {k: list(v) for k, v in shapes.items()}, "check_samples": count}
     sess = _ort_session(assets.onnx, threads)
@@ -347,10 +386,8 @@ def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -
         variants.append((f"{name}-lowrank", args.lowrank, lowrank_trials))
     for label, lowrank, n in variants:
         try:
-            fr = _front(assets, shapes, lowrank)
-            specs = ({s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
-            rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host")))
-            case = _Case(label, fr.final, rm, to_relax(fr.final, *specs), fr.in_specs, feeds, threads)
+            case, fr = _case(label, assets, shapes, lowrank, feeds, threads)
+            rm = case.rm
             row = _run_case(case, n, db_root, args, original_ref if lowrank else None)
             row["lowrank"] = lowrank
             row["params"] = int(sum(p.size for p in rm.params))
@@ -509,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--report-only", metavar="JSON")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "JSON"), help=argparse.SUPPRESS)
+    ap.add_argument("--tuned-child", nargs=3, metavar=("LABEL", "DB", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     tvm_threads_env = os.environ.pop("TVM_NUM_THREADS", None)  # TVM's default: all cores
     from edgecomp.bench.report import write_atomic
     from edgecomp.bench.runner import _machine
@@ -520,6 +559,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     models = ["digits-cnn"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
     trials = _parse_trials(args.trials)
+    if args.tuned_child:  # one row's tuned build, timed in this fresh process (see _tuned_in_child)
+        label, db, dest = args.tuned_child
+        name = label.removesuffix("-lowrank")
+        assets, shapes, feeds = _model_inputs(name, args)
+        lowrank = args.lowrank if label.endswith("-lowrank") else None
+        case, _ = _case(label, assets, shapes, lowrank, feeds, os.cpu_count() or 1)
+        original_ref = None
+        if lowrank:
+            sess = _ort_session(assets.onnx, os.cpu_count() or 1)
+            original_ref = [sess.run(None, f) for f in feeds]
+        Path(dest).write_text(json.dumps(_measure_tuned(case, Path(db), args, original_ref)))
+        return 0
     if args.child:  # one model in this fresh process (see _measure_in_child)
         name, dest = args.child
         n = trials.get(name, 64)

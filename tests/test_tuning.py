@@ -192,3 +192,15 @@ def test_target_that_cannot_be_timed_here_needs_a_tracker(tmp_path):
         tune(rm, get_target("arm64"), tmp_path / "db", 4)
     with pytest.raises(DeviceError, match="unreachable|cannot connect"):
         tune(rm, get_target("arm64"), tmp_path / "db", 4, tracker=("127.0.0.1", _closed_port()), rpc_key="k")
+
+
+def test_cpu_candidates_are_timed_with_cold_caches():
+    """In a model a kernel's weights start cold; records ranked on warm repeats lost there
+    (MobileNetV2), so CPU candidates run once per repeat after a cache flush; GPUs keep warm repeats."""
+    from edgecomp.targets import get_target
+    from edgecomp.targets.tuning import evaluator_config
+
+    cpu = evaluator_config(get_target("host"))
+    assert cpu.enable_cpu_cache_flush and cpu.number == 1 and cpu.repeat > 1
+    assert evaluator_config(get_target("arm64")).enable_cpu_cache_flush
+    assert not evaluator_config(get_target("cuda")).enable_cpu_cache_flush

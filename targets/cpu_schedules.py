@@ -32,10 +32,18 @@ import functools
 import logging
 from typing import Any
 
-__all__ = ["default_rules", "apply_default_schedules", "schedule_report", "vector_lanes", "accumulators"]
+__all__ = ["default_rules", "default_schedule", "apply_default_schedules", "schedule_report", "vector_lanes", "accumulators"]
 
 log = logging.getLogger(__name__)
 
+
+def _has_feature(target: Any, feature: str) -> bool:
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features(feature, target))
+    except Exception:  # noqa: BLE001  (not an LLVM target LLVM knows)
+        return False
 
 
 def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
@@ -46,17 +54,11 @@ def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
     """
     from tvm.target import codegen
 
-    def has(feature: str) -> bool:
-        try:
-            return bool(codegen.target_has_features(feature, target))
-        except Exception:  # noqa: BLE001  (not an LLVM target LLVM knows)
-            return False
-
-    if has("avx512f"):
+    if _has_feature(target, "avx512f"):
         bits = 512
-    elif has("avx"):
+    elif _has_feature(target, "avx"):
         bits = 256
-    elif has("sse2"):
+    elif _has_feature(target, "sse2"):
         bits = 128
     else:
         try:
@@ -69,14 +71,7 @@ def vector_lanes(target: Any, dtype_bits: int = 32) -> int:
 def accumulators(target: Any) -> int:
     """Vector accumulators in one register tile: 24 of 32 registers (AVX-512 zmm, AArch64 v),
     12 of 16 (AVX2 ymm, SSE xmm, ARMv7 NEON q), leaving room for operand loads and broadcasts."""
-    from tvm.target import codegen
-
-    try:
-        if codegen.target_has_features("avx512f", target):
-            return 24
-    except Exception:  # noqa: BLE001  (not an LLVM target LLVM knows)
-        pass
-    if bool(target.attrs.get("feature.is_aarch64", False)):
+    if _has_feature(target, "avx512f") or bool(target.attrs.get("feature.is_aarch64", False)):
         return 24
     return 12
 
@@ -470,14 +465,11 @@ def _rules():
             out = sch.get_sblock(names[-1])
             loops = sch.get_loops(out)
             row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-            for name in reversed(names[:-1]):
-                for rf_name, rf in rfactored:
-                    if rf_name == name:
-                        sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
-                        sch.compute_at(rf, row, preserve_unit_loops=True)
-                        break
-                else:
-                    sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+            partial_sums = dict(rfactored)
+            for name in reversed(names[:-1]):  # consumers first; a partial-sum block before its sum
+                sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+                if name in partial_sums:
+                    sch.compute_at(partial_sums[name], row, preserve_unit_loops=True)
             sch.parallel(row)
             vectors = []
             for name, shape in zip(names, shapes):
@@ -539,10 +531,20 @@ def schedule_report(mod: Any, target: Any) -> dict[str, str]:
     rules = default_rules()
     out = {}
     for gv, func in fused.functions_items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        out[gv.name_hint] = next((type(r).__name__ for r in rules if r.apply(func, target, False) is not None), "none")
+        if isinstance(func, tvm.tirx.PrimFunc):
+            rule, _ = default_schedule(func, target, rules)
+            out[gv.name_hint] = type(rule).__name__ if rule is not None else "none"
     return out
+
+
+def default_schedule(func: Any, target: Any, rules: list | None = None) -> tuple[Any, Any]:
+    """``(rule, schedule)`` of the first of ``rules`` (default: :func:`default_rules`) that
+    schedules the PrimFunc ``func``; ``(None, None)`` if none does."""
+    for rule in rules if rules is not None else default_rules():
+        sch = rule.apply(func, target, False)
+        if sch is not None:
+            return rule, sch[0] if isinstance(sch, list) else sch
+    return None, None
 
 
 def apply_default_schedules():

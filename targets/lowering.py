@@ -229,7 +229,26 @@ def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], i
     n_inputs = len(mod["main"].params) - len(values)
     names = [v.name for v in mod["main"].params[n_inputs:]]
     out = RelaxModel(mod, names, values, {n: "transposed" for n in names if n in transposed})
-    return channels_last(out) if channels_last_convs else out
+    if not channels_last_convs:
+        return out
+    try:
+        return channels_last(out)
+    except Exception as err:  # noqa: BLE001  (a layout the pass cannot convert: NCHW code is still correct)
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+        log.warning("convolutions kept NCHW: the channels-last conversion failed (%s)", msg)
+        return out
+
+
+def _stored_layout(shape: tuple[int, ...], ops: tuple) -> str | None:
+    """How a parameter of ONNX ``shape`` is stored after ``ops`` (("T", axes) transposes and
+    ("R", shape) reshapes): ``"HWIO"`` for an OIHW conv weight, ``"permuted"`` for another
+    element order, None when the elements keep their ONNX order (a bias reshaped to [1,1,1,C])."""
+    order = original = np.arange(int(np.prod(shape))).reshape(shape)
+    for kind, arg in ops:
+        order = order.transpose(arg) if kind == "T" else order.reshape(arg)
+    if order.ndim == 4 and original.ndim == 4 and np.array_equal(order, original.transpose(2, 3, 1, 0)):
+        return "HWIO"
+    return None if np.array_equal(order.ravel(), original.ravel()) else "permuted"
 
 
 def wants_channels_last(target: Target, int8_arith: bool | None = False) -> bool:
@@ -266,10 +285,12 @@ def channels_last(relax_model: RelaxModel) -> RelaxModel:
     def layout_call(value, name: str) -> bool:
         return isinstance(value, relax.Call) and getattr(value.op, "name", None) == name
 
-    # value: var -> (param index, array so far, element order so far); a dequantized param keeps
+    def axes_of(value, ndim: int) -> list[int]:
+        return [int(a) for a in value.attrs.axes] if value.attrs.axes is not None else list(range(ndim))[::-1]
+
+    # value: var -> (param index, array so far, the layout ops so far); a dequantized param keeps
     # its int8 array and quantization axis until the permute_dims that follows it
-    values = {v: (i, relax_model.params[i], np.arange(relax_model.params[i].size).reshape(relax_model.params[i].shape))
-              for v, i in param_index.items()}
+    values = {v: (i, relax_model.params[i], ()) for v, i in param_index.items()}
     dequantized: dict[Any, tuple] = {}
     final: dict[int, Any] = {}  # param index -> the binding var its chain ends at
     new_value: dict[Any, tuple] = {}
@@ -283,23 +304,22 @@ def channels_last(relax_model: RelaxModel) -> RelaxModel:
             continue
         if layout_call(value, "relax.permute_dims") and arg in dequantized:
             src, dq = dequantized[arg]
-            i, array, order = values[src]
-            axes = [int(a) for a in value.attrs.axes] if value.attrs.axes is not None else list(range(array.ndim))[::-1]
-            axis = int(dq.attrs.axis) % array.ndim
-            values[b.var] = (i, np.ascontiguousarray(array.transpose(axes)), order.transpose(axes))
-            new_value[b.var] = ("dequantize", dq, axes.index(axis))
+            i, array, ops = values[src]
+            axes = axes_of(value, array.ndim)
+            values[b.var] = (i, np.ascontiguousarray(array.transpose(axes)), (*ops, ("T", axes)))
+            new_value[b.var] = ("dequantize", dq, axes.index(int(dq.attrs.axis) % array.ndim))
             final[i] = b.var
         elif arg in values and new_value.get(arg, ("param",))[0] == "param" and (
                 layout_call(value, "relax.permute_dims") or layout_call(value, "relax.reshape")):
             # (a chain through a dequantize ends at its permute_dims: its value is fp32 from there)
-            i, array, order = values[arg]
+            i, array, ops = values[arg]
             if layout_call(value, "relax.permute_dims"):
-                axes = [int(a) for a in value.attrs.axes] if value.attrs.axes is not None else list(range(array.ndim))[::-1]
-                array, order = np.ascontiguousarray(array.transpose(axes)), order.transpose(axes)
+                op = ("T", axes_of(value, array.ndim))
+                array = np.ascontiguousarray(array.transpose(op[1]))
             else:
-                shape = [int(d) for d in b.var.ty.shape]
-                array, order = array.reshape(shape), order.reshape(shape)
-            values[b.var] = (i, array, order)
+                op = ("R", [int(d) for d in b.var.ty.shape])
+                array = array.reshape(op[1])
+            values[b.var] = (i, array, (*ops, op))
             new_value[b.var] = ("param",)
             final[i] = b.var
     if not final:
@@ -309,7 +329,7 @@ def channels_last(relax_model: RelaxModel) -> RelaxModel:
     new_params = list(func.params)
     replace: dict[Any, Any] = {}
     for i, last in final.items():
-        _, array, order = values[last]
+        _, array, ops = values[last]
         name = relax_model.param_names[i]
         params[i] = array
         var = relax.Var(name, relax.TensorType(list(array.shape), str(array.dtype)))
@@ -320,11 +340,9 @@ def channels_last(relax_model: RelaxModel) -> RelaxModel:
         else:
             dq = kind[1]
             replace[last] = relax.op.dequantize(var, dq.args[1], dq.args[2], axis=kind[2], out_dtype=str(dq.attrs.out_dtype))
-        original = np.arange(order.size).reshape(relax_model.params[i].shape)
-        if order.ndim == 4 and original.ndim == 4 and np.array_equal(order, original.transpose(2, 3, 1, 0)):
-            layouts[name] = "HWIO"
-        elif not np.array_equal(order.ravel(), original.ravel()):
-            layouts[name] = "permuted"
+        label = _stored_layout(relax_model.params[i].shape, ops)
+        if label:
+            layouts[name] = label
 
     @relax.expr_functor.mutator
     class _Repack(relax.PyExprMutator):

@@ -373,7 +373,7 @@ def _seed_default_schedules(tasks, target, database, builder, runner, stop: thre
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from edgecomp.targets.cpu_schedules import default_rules
+    from edgecomp.targets.cpu_schedules import default_rules, default_schedule
 
     rules = default_rules()
     todo = []
@@ -382,12 +382,7 @@ def _seed_default_schedules(tasks, target, database, builder, runner, stop: thre
         if database.has_workload(mod):
             continue
         func = mod["main"]
-        sch = None
-        for rule in rules:
-            space = rule.apply(func, target, False)
-            if space is not None:
-                sch = space[0] if isinstance(space, list) else space
-                break
+        _, sch = default_schedule(func, target, rules)
         if sch is not None and sch.trace is not None:
             todo.append((mod, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
     added = 0

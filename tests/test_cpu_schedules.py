@@ -300,3 +300,20 @@ def test_row_reductions_are_vector_partial_sums_and_match_onnxruntime(case):
     report = schedule_report(prepare_module(rm, HOST), HOST.tvm())
     assert "RowReduction" in report.values(), report
     np.testing.assert_allclose(_tvm(model, x), _ort(model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_failed_channels_last_conversion_keeps_nchw(monkeypatch, caplog):
+    """The layout change is an optimization: if it fails on some model, the build goes on with
+    ONNX's NCHW layout (correct, slower) and says so, instead of failing."""
+    import edgecomp.targets.lowering as lowering
+
+    def broken(_rm):
+        raise RuntimeError("no layout rule for this op")
+
+    monkeypatch.setattr(lowering, "channels_last", broken)
+    model = mobilenet_block()
+    x = RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        rm = to_relax(model, {"x": x.shape}, {"x": "float32"}, channels_last_convs=True)
+    assert "kept NCHW" in caplog.text and "no layout rule" in caplog.text
+    assert 'data_layout="NCHW"' in rm.mod["main"].script() and not rm.layouts.keys() - {"Wc"}

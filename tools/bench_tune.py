@@ -305,34 +305,30 @@ def _measure_tuned(case: _Case, db: Path, args, original_ref) -> dict[str, Any]:
     return row
 
 
-def _tuned_in_child(label: str, db: Path, args) -> dict[str, Any]:
-    """``_measure_tuned`` for row ``label`` in a fresh process (the tuning process runs slower
-    afterwards: see ``_measure_in_child``)."""
+def _in_fresh_process(argv: list[str], child_args: list[str], what: str) -> dict[str, Any]:
+    """Run this script with ``argv + child_args + [JSON]`` in a fresh Python process and return
+    the JSON it writes. Measured here: in one process, MobileNetV2's untuned latency after
+    digits-cnn's tuning run read 9.8 ms, in a fresh process 6.4 ms (a tuning run leaves
+    MetaSchedule's worker process and thread pools behind), so every model, and every tuned
+    build, is timed in a process of its own."""
     import subprocess
 
-    with tempfile.TemporaryDirectory(prefix="edgecomp-bench-tune-tuned-") as tmp:
-        dest = Path(tmp) / "tuned.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--tuned-child", label, str(db), str(dest)]
-        proc = subprocess.run(cmd)
+    with tempfile.TemporaryDirectory(prefix="edgecomp-bench-tune-") as tmp:
+        dest = Path(tmp) / "out.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, *child_args, str(dest)])
         if proc.returncode != 0 or not dest.exists():
-            raise RuntimeError(f"the process timing the tuned build of {label} exited with status {proc.returncode}")
+            raise RuntimeError(f"the process {what} exited with status {proc.returncode}")
         return json.loads(dest.read_text())
+
+
+def _tuned_in_child(label: str, db: Path, args) -> dict[str, Any]:
+    """``_measure_tuned`` for row ``label`` in a fresh process (not the one that tuned)."""
+    return _in_fresh_process(args.argv, ["--tuned-child", label, str(db)], f"timing the tuned build of {label}")
 
 
 def _measure_in_child(name: str, db_root: Path, argv: list[str]) -> dict[str, Any]:
-    """``_measure(name)`` in a fresh Python process. Measured here: in one process, MobileNetV2's
-    untuned latency after digits-cnn's tuning run read 9.8 ms, in a fresh process 6.4 ms (the
-    tuning run leaves MetaSchedule's worker process and thread pools behind), so every model
-    gets a process of its own (and its own warm-up)."""
-    import subprocess
-
-    with tempfile.TemporaryDirectory(prefix="edgecomp-bench-tune-row-") as tmp:
-        dest = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--db", str(db_root), "--child", name, str(dest)]
-        proc = subprocess.run(cmd)
-        if proc.returncode != 0 or not dest.exists():
-            raise RuntimeError(f"the measuring process for {name} exited with status {proc.returncode}")
-        return json.loads(dest.read_text())
+    """``_measure(name)`` in a fresh process (with its own warm-up)."""
+    return _in_fresh_process(argv, ["--db", str(db_root), "--child", name], f"measuring {name}")
 
 
 def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None):

@@ -123,10 +123,24 @@ def _to_int8(q, zp: Any):
     return shifted, R.subtract(R.astype(zp, "int32"), relax.const(128, "int32"))
 
 
+def _to_uint8(q, zp: np.ndarray):
+    """(uint8 tensor, uint8-domain zero point) for an int8/uint8 tensor; int8 shifts by +128
+    (x86 VNNI multiplies unsigned × signed bytes)."""
+    from tvm import relax
+
+    R = relax.op
+    zp = zp.astype(np.int32)
+    if _dtype(q) == "uint8":
+        return q, zp
+    shifted = R.astype(R.add(R.astype(q, "int16"), relax.const(128, "int16")), "uint8")
+    return shifted, np.asarray(zp + 128, np.int32)
+
+
 class _Rewriter:
-    def __init__(self, params: Mapping[str, np.ndarray] | None, fold_weight_terms: bool) -> None:
+    def __init__(self, params: Mapping[str, np.ndarray] | None, fold_weight_terms: bool, unsigned_activations: bool) -> None:
         self.params = params
         self.fold = fold_weight_terms and params is not None
+        self.unsigned = unsigned_activations
         self.sites: list[tuple[Any, SiteStats]] = []
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -191,7 +205,7 @@ class _Rewriter:
             return self._skip(orig, site, "matmul of a vector")
         k = site.x_shape[-1]
 
-        x8, zx8 = _to_int8(x_q, np.array(zx))
+        x8, zx8 = (_to_uint8 if self.unsigned else _to_int8)(x_q, np.array(zx))
         zx8 = int(zx8)
         w8, zw8 = _to_int8(w_q, zw)
         w_kn = R.permute_dims(w8, [1, 0]) if transposed else w8
@@ -315,7 +329,8 @@ def _patterns():
     return pats
 
 
-def rewrite_int8(mod, params: Mapping[str, np.ndarray] | None = None, *, fold_weight_terms: bool = False):
+def rewrite_int8(mod, params: Mapping[str, np.ndarray] | None = None, *, fold_weight_terms: bool = False,
+                 unsigned_activations: bool = False):
     """Rewrite every dequantize → matmul/conv2d site of every Relax function into int8 arithmetic.
 
     Args:
@@ -324,6 +339,9 @@ def rewrite_int8(mod, params: Mapping[str, np.ndarray] | None = None, *, fold_we
             to see that weight zero points are zero, and by ``fold_weight_terms``.
         fold_weight_terms: fold ``Σ_k w`` zero-point terms into constants (needs ``params``;
             ties the code to these weights).
+        unsigned_activations: a matmul's first operand as uint8 (uint8 × int8 products, what
+            x86 VNNI multiplies; int8 activations shift by +128) instead of int8 (int8 × int8,
+            what NEON SDOT multiplies). Convolutions keep int8.
 
     Returns:
         ``(new_mod, Int8Stats)``; functions without a site are returned unchanged.
@@ -332,7 +350,7 @@ def rewrite_int8(mod, params: Mapping[str, np.ndarray] | None = None, *, fold_we
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call
 
-    rw = _Rewriter(params, fold_weight_terms)
+    rw = _Rewriter(params, fold_weight_terms, unsigned_activations)
     pats = _patterns()
     mm = is_op("relax.matmul")(pats["dqx"], pats["dqw"])
     mm_t = is_op("relax.matmul")(pats["dqx"], pats["perm"])

@@ -420,9 +420,12 @@ def prepare_module(relax_model: RelaxModel, target: Target, int8_arith: bool | N
 
         mod = relax.transform.FastMathTransform()(mod)
     if int8_arith:
+        from edgecomp.targets.cpu_schedules import int8_dot
         from edgecomp.targets.int8 import rewrite_int8
 
-        mod, stats = rewrite_int8(mod, dict(zip(relax_model.param_names, relax_model.params)), fold_weight_terms=True)
+        dot = int8_dot(target.tvm()) if target.default_pipeline == "cpu" else None
+        mod, stats = rewrite_int8(mod, dict(zip(relax_model.param_names, relax_model.params)), fold_weight_terms=True,
+                                  unsigned_activations=dot is not None and dot[2] == "uint8")
         log.info("int8 arithmetic: %d of %d dequantize→matmul/conv2d sites rewritten", stats.rewritten, stats.matched)
     if target.device_kind.kernel_file is not None:
         from edgecomp.targets.kernels import safe_param_names

@@ -85,8 +85,8 @@ def _model_options(b: argparse.ArgumentParser, for_tune: bool = False) -> None:
         "optionally :budget:top1=A or :budget:cosine=C to leave the most sensitive layers in float",
     )
     q.add_argument("--int8-arith", action="store_true",
-                   help="compile int8 layers as int8×int8→int32 arithmetic instead of dequantize→fp32 "
-                   "(bench/results/int8-*.md: pays at batch 1 on x86; ties the code to the weights)")
+                   help="compile int8 layers as 8-bit×8-bit→int32 arithmetic instead of dequantize→fp32, on "
+                   "VNNI/SDOT where the CPU has it (README 'Int8Dot'; ties the code to the weights)")
     q.add_argument("--int8-keep-float", metavar="NODE,...", default="", help="nodes never quantized")
     q.add_argument("--int8-ops", default="Conv,MatMul,Gemm", help="ops to quantize (default Conv,MatMul,Gemm; add Gather for embeddings)")
     q.add_argument("--int8-activations", choices=["int8", "uint8", "none"], default="int8",

@@ -25,7 +25,9 @@ NCHW/OIHW, symbolic shapes. Not matched at all: conv1d/conv3d, Gemm with transA.
 Zero points are handled exactly:
 
 - uint8 operands are shifted into int8 (``q - 128``, zero point ``z - 128``), so the product
-  is always signed int8 × int8 (what NEON ``sdot`` multiplies);
+  is signed int8 × int8 (what NEON ``sdot`` multiplies); with ``unsigned_activations`` (x86
+  VNNI, which multiplies uint8 × int8) a matmul's first operand is uint8 instead (int8 shifted
+  by +128) and its second int8;
 - the activation zero point must be a constant scalar (edgecomp's ``to_relax`` inlines them);
   conv padding is applied explicitly with the zero point's value, so that the correction term
   is the same at the borders as inside;

@@ -282,8 +282,10 @@ def tune(
     database = _open(folder)
     before = len(database.get_all_tuning_records())
     left = trials - before
+    from edgecomp.targets.cpu_schedules import register_intrinsics
     from edgecomp.targets.lowering import prepare_module
 
+    register_intrinsics()  # a resumed run replays the database's records, Int8Dot's tensorize steps included
     with tuning_target:  # what static_shape_tuning does before it tunes (apply_database repeats it)
         mod = tvm.transform.Sequential(
             [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")]
@@ -425,6 +427,10 @@ def _cross_export(target: Target):
 def apply_database(mod, target: Target, db: str | os.PathLike):
     """The raw module with the database's schedules applied (``static_shape_tuning``, 0 trials)."""
     from tvm import relax
+
+    from edgecomp.targets.cpu_schedules import register_intrinsics
+
+    register_intrinsics()  # records of Int8Dot kernels replay its tensorize steps
 
     folder = database_dir(db, target, create=False)
     return relax.get_pipeline("static_shape_tuning", total_trials=0, target=_stored_target(folder), work_dir=str(folder))(mod)

@@ -282,21 +282,38 @@ np.save(sys.argv[3], machine["main"](*args).numpy())
 """
 
 
-def test_arm64_sdot_code_runs_emulated(quantized, tmp_path):
-    """The +dotprod library runs on an emulated core with dotprod (qemu ``max``) and gives the host's
-    outputs; on a Cortex-A53 (no dotprod) it dies of an illegal instruction: the sdot code is used."""
+def _emulated(so, rm, x, tmp_path, cpus: tuple[str, ...]) -> dict:
+    """Run the aarch64 library ``so`` on ``x`` under qemu-user, once per CPU model in ``cpus``:
+    ``{cpu: output array or the failed CompletedProcess}``; skips when the emulator is not set up."""
     import os
-    import shutil
     import subprocess
 
     from edgecomp.errors import EdgecompError
     from edgecomp.targets.devices import emu_info
-    from edgecomp.targets.lowering import export_library
 
     try:
         info = emu_info()
     except EdgecompError as err:
         pytest.skip(f"emulated arm64 device not set up: {err}")
+    (tmp_path / "run.py").write_text(_DEVICE_SCRIPT)
+    np.savez(tmp_path / "in.npz", x=x, n_params=len(rm.params), **{f"p{i}": p for i, p in enumerate(rm.params)})
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONPATH=info["site"], PYTHONNOUSERSITE="1")
+    out = {}
+    for cpu in cpus:
+        cmd = [info["qemu"], "-cpu", cpu, "-L", info["sysroot"], os.path.join(info["sysroot"], info["python"]),
+               str(tmp_path / "run.py"), str(so), str(tmp_path / "in.npz"), str(tmp_path / f"{cpu}.npy")]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        out[cpu] = np.load(tmp_path / f"{cpu}.npy") if done.returncode == 0 else done
+    return out
+
+
+def test_arm64_sdot_code_runs_emulated(quantized, tmp_path):
+    """The +dotprod library runs on an emulated core with dotprod (qemu ``max``) and gives the host's
+    outputs; on a Cortex-A53 (no dotprod) it dies of an illegal instruction: the sdot code is used."""
+    import shutil
+
+    from edgecomp.targets.lowering import export_library
+
     if shutil.which(ARM64.cross_compiler) is None:
         pytest.skip(f"{ARM64.cross_compiler} is not installed")
     qmodel = quantized("mlp", "s8-sym")
@@ -307,22 +324,13 @@ def test_arm64_sdot_code_runs_emulated(quantized, tmp_path):
     export_library(tvm.compile(mod, target=dotprod, relax_pipeline=tvm.relax.get_pipeline("default")), so, ARM64)
     x = _inputs(MLP_SHAPE, 1, SEED + 13)[0]
     host = _run_tvm(_compile(mod), rm, [x])[0]
-    (tmp_path / "run.py").write_text(_DEVICE_SCRIPT)
-    np.savez(tmp_path / "in.npz", x=x, n_params=len(rm.params), **{f"p{i}": p for i, p in enumerate(rm.params)})
-    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONPATH=info["site"], PYTHONNOUSERSITE="1")
-
-    def emulate(cpu: str):
-        cmd = [info["qemu"], "-cpu", cpu, "-L", info["sysroot"], os.path.join(info["sysroot"], info["python"]),
-               str(tmp_path / "run.py"), str(so), str(tmp_path / "in.npz"), str(tmp_path / f"{cpu}.npy")]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-    done = emulate("max")
-    assert done.returncode == 0, done.stderr[-500:]
-    got = np.load(tmp_path / "max.npy")
+    runs = _emulated(so, rm, x, tmp_path, ("max", "cortex-a53"))
+    got = runs["max"]
+    assert isinstance(got, np.ndarray), got.stderr[-500:]
     assert np.abs(got - host).max() <= _output_scale(qmodel) * (1 + 1e-3)
     assert (got == host).mean() >= 0.95
-    no_dotprod = emulate("cortex-a53")
-    assert no_dotprod.returncode != 0 and "Illegal instruction" in no_dotprod.stderr, (no_dotprod.returncode, no_dotprod.stderr[-300:])
+    no_dotprod = runs["cortex-a53"]
+    assert not isinstance(no_dotprod, np.ndarray) and "Illegal instruction" in no_dotprod.stderr, no_dotprod
 
 
 def test_activation_times_activation_batched_matmul():
@@ -346,3 +354,89 @@ def test_activation_times_activation_batched_matmul():
     ref = ((args[0].astype(np.float64) + 3) * 0.05) @ ((args[1].astype(np.float64) - 130) * 0.02)
     np.testing.assert_allclose(run(mod), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(run(bb.get()), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+# -- Int8Dot: int8 matmuls on the dot-product instruction (x86 VNNI, AArch64 SDOT) -------------
+
+DENSE_SHAPE = (8, 64)
+
+
+def dense_model() -> onnx.ModelProto:
+    """MatMul [64 → 48] + Relu, then Gemm(transB=1) [48 → 32]: shapes the dot-product tiles
+    take (N a multiple of 16, K of 4), with the weight stored [K, N] and [N, K]."""
+    rng = np.random.default_rng(SEED + 2)
+    init = lambda name, *shape, s=0.2: numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)  # noqa: E731
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "W1"], ["h"]), n("Relu", ["h"], ["r"]), n("Gemm", ["r", "W2", "b2"], ["y"], transB=1)]
+    return _model(nodes, DENSE_SHAPE, (DENSE_SHAPE[0], 32), [init("W1", 64, 48), init("W2", 32, 48), init("b2", 32, s=0.1)])
+
+
+VNNI_TARGET = {"kind": "llvm", "mcpu": "cascadelake"}  # AVX-512 VNNI
+
+
+def _int8_kernels(report: dict) -> dict:
+    return {k: v for k, v in report.items() if "matmul" in k}
+
+
+@pytest.mark.parametrize("variant", ["s8-sym", "u8-asym"])
+def test_int8_dot_vnni(tmp_path, variant):
+    """On a VNNI target both int8 matmuls (weights [K, N] and [N, K]) are Int8Dot kernels, the code
+    holds vpdpbusd, and (where this CPU has VNNI) the outputs match ORT's int8 model within one
+    output step, and the same model compiled without VNNI (int32 lanes) exactly."""
+    from edgecomp.targets.cpu_schedules import int8_dot, schedule_report
+    from edgecomp.targets.lowering import cpu_pipeline, prepare_module
+
+    qmodel = _quantize(dense_model(), DENSE_SHAPE, variant, tmp_path)
+    rm = to_relax(qmodel, {"x": DENSE_SHAPE}, {"x": "float32"})
+    tvm_vnni = tvm.target.Target(VNNI_TARGET)
+    assert int8_dot(tvm_vnni) == ("dot_16x4_vnni", 16, "uint8")
+    mod = rewrite_int8(rm.mod, dict(zip(rm.param_names, rm.params)), fold_weight_terms=True, unsigned_activations=True)[0]
+    report = _int8_kernels(schedule_report(mod, tvm_vnni))
+    assert len(report) == 2 and set(report.values()) == {"Int8Dot"}, report
+    asm = _asm(tvm.compile(mod, target=tvm_vnni, relax_pipeline=cpu_pipeline(tvm_vnni)))
+    assert re.search(r"^\s*vpdpbusd\s", asm, re.M)
+    if int8_dot(HOST.tvm()) != int8_dot(tvm_vnni):
+        pytest.skip("this CPU has no AVX-512 VNNI: compiled, not run")
+    assert _int8_kernels(schedule_report(prepare_module(rm, HOST, int8_arith=True), HOST.tvm())) == report
+    xs = _inputs(DENSE_SHAPE, 6, SEED + 17)
+    got = np.stack(_run_tvm(compile_relax(rm, HOST, int8_arith=True), rm, xs))
+    sess = ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.stack([sess.run(None, {"x": x})[0] for x in xs])
+    steps = np.abs(got - ref) / _output_scale(qmodel)
+    assert steps.max() <= 1.0 + 1e-3 and (steps < 1e-3).mean() >= 0.95, (steps.max(), (steps < 1e-3).mean())
+    plain = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})  # AVX-512, no VNNI: Contraction
+    assert int8_dot(plain) is None
+    no_dot = rewrite_int8(rm.mod, dict(zip(rm.param_names, rm.params)), fold_weight_terms=True)[0]
+    assert set(_int8_kernels(schedule_report(no_dot, plain)).values()) == {"Contraction"}
+    other = np.stack(_run_tvm(tvm.compile(no_dot, target=plain, relax_pipeline=cpu_pipeline(plain)), rm, xs))
+    assert np.array_equal(got, other)
+
+
+def test_int8_dot_sdot_runs_emulated(tmp_path):
+    """arm64 with +dotprod (Cortex-A76 preset): both int8 matmuls are Int8Dot kernels on ``sdot``
+    (int8 × int8: the activations stay signed), and the library run on an emulated v8.2 core
+    matches this machine's int8 code within one output step."""
+    import shutil
+
+    from edgecomp.targets import get_target
+    from edgecomp.targets.cpu_schedules import int8_dot, schedule_report
+    from edgecomp.targets.lowering import export_library, prepare_module
+
+    a76 = get_target("arm64-a76")
+    assert int8_dot(a76.tvm()) == ("dot_4x4_i8i8s32_sdot", 4, "int8")
+    qmodel = _quantize(dense_model(), DENSE_SHAPE, "u8-asym", tmp_path)
+    rm = to_relax(qmodel, {"x": DENSE_SHAPE}, {"x": "float32"})
+    report = _int8_kernels(schedule_report(prepare_module(rm, a76, int8_arith=True), a76.tvm()))
+    assert len(report) == 2 and set(report.values()) == {"Int8Dot"}, report
+    executable = compile_relax(rm, a76, int8_arith=True)
+    assert re.search(r"^\s*sdot\s", _asm(executable), re.M)
+    if shutil.which(a76.cross_compiler) is None:
+        pytest.skip(f"{a76.cross_compiler} is not installed")
+    so = tmp_path / "dense-int8.so"
+    export_library(executable, so, a76)
+    x = _inputs(DENSE_SHAPE, 1, SEED + 19)[0]
+    host = _run_tvm(compile_relax(rm, HOST, int8_arith=True), rm, [x])[0]
+    got = _emulated(so, rm, x, tmp_path, ("cortex-a76",))["cortex-a76"]
+    assert isinstance(got, np.ndarray), got.stderr[-500:]
+    assert np.abs(got - host).max() <= _output_scale(qmodel) * (1 + 1e-3)
+    assert (got == host).mean() >= 0.95

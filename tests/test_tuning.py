@@ -204,3 +204,53 @@ def test_cpu_candidates_are_timed_with_cold_caches():
     assert cpu.enable_cpu_cache_flush and cpu.number == 1 and cpu.repeat > 1
     assert evaluator_config(get_target("arm64")).enable_cpu_cache_flush
     assert not evaluator_config(get_target("cuda")).enable_cpu_cache_flush
+
+
+def test_int8_dot_records_replay_in_a_new_process(tmp_path):
+    """--int8-arith on a VNNI CPU: the database holds the Int8Dot kernel's default schedule (its
+    trace tensorizes with edgecomp's intrinsics), and a build in a fresh process, which has run no
+    default schedule, replays it and computes what the build without the database computes."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from edgecomp.targets.cpu_schedules import int8_dot
+
+    host = get_target("host")
+    if int8_dot(host.tvm()) is None or int8_dot(host.tvm())[2] != "uint8":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    rng = np.random.default_rng(5)
+
+    class Calib(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter({"x": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(8))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    fp32 = save(mlp(seed=5), tmp_path / "mlp.onnx")
+    qdq = tmp_path / "mlp-int8.onnx"
+    quantize_static(str(fp32), str(qdq), Calib(), quant_format=QuantFormat.QDQ, per_channel=True)
+    rm = to_relax(onnx.load(qdq), {"x": (1, 64)}, {"x": "float32"})
+    db = tmp_path / "db"
+    tune(rm, host, db, 4, int8_arith=True)
+    records = (db / "host" / "database_tuning_record.json").read_text()
+    assert "edgecomp.dot_16x4_vnni.local" in records
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import numpy as np, onnx, tvm, sys\n"
+        "from tvm import relax\n"
+        "from edgecomp.targets import get_target\n"
+        "from edgecomp.targets.lowering import compile_relax, to_relax\n"
+        f"rm = to_relax(onnx.load({str(qdq)!r}), {{'x': (1, 64)}}, {{'x': 'float32'}})\n"
+        f"vm = relax.VirtualMachine(compile_relax(rm, get_target('host'), int8_arith=True, db={str(db)!r}), tvm.cpu())\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, vm['main'](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in rm.params]).numpy())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(compile_relax(rm, host, int8_arith=True), tvm.cpu())
+    want = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in rm.params]).numpy()
+    assert np.array_equal(np.load(tmp_path / "y.npy"), want)

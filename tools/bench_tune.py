@@ -6,6 +6,7 @@ model, in one process and one run.
     python tools/bench_tune.py --quick             # digits-cnn only
     python tools/bench_tune.py --trials mobilenetv2=192        # the budgets of bench/results/tune-2026-11-27
     python tools/bench_tune.py --quick --trials digits-cnn=8 --lowrank-trials 8 --out /tmp/bench-tune   # smoke test
+    python tools/bench_tune.py --models minilm --trials minilm=64 --int8-trials 64   # MiniLM fp32 and int8 rows
     python tools/bench_tune.py --report-only bench/results/tune-<date>.json
 
 Per model (batch 1, host target, inputs and reference from the model's eval split):
@@ -25,7 +26,10 @@ Per model (batch 1, host target, inputs and reference from the model's eval spli
 (``edgecomp.api._front``: import, fixed shapes, the default cleanup passes, each checked against
 ONNX Runtime) then ``to_relax`` with the host's layout (NHWC convs, HWIO weights stored so). For digits-cnn (and the models of ``--lowrank-models``) the same
 rows are measured for the low-rank graph (``--lowrank``, default ``erank:1.0``: the graph ``edgecomp build --lowrank
-erank:1.0`` compiles), tuned into its own database with ``--lowrank-trials``.
+erank:1.0`` compiles), tuned into its own database with ``--lowrank-trials``. For minilm (and the models of
+``--int8-models``) the same rows are measured for the int8 graph (``--int8``, default ``minmax``, calibrated on the
+model's calib split) compiled with int8 arithmetic: what ``edgecomp build --int8 minmax --int8-arith`` compiles
+(the ``plain`` column: TVM's pipeline on the QDQ graph as imported, dequantize → fp32).
 
 Latency per call, one sample: TVM through ``relax.VirtualMachine(ex, tvm.cpu()).time_evaluator(
 "main", tvm.cpu(), number=N, repeat=R)`` with the sample and the params as arguments (each
@@ -75,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 MODELS = ("digits-cnn", "mobilenetv2", "minilm")
 DEFAULT_TRIALS = {"digits-cnn": 128, "mobilenetv2": 256, "minilm": 128}
 LOWRANK_MODELS = ("digits-cnn",)
+INT8_MODELS = ("minilm",)
 
 
 def _log(msg: str) -> None:
@@ -192,7 +197,7 @@ def _name_workloads(folder: Path, indices: set[int], names: Callable[[], dict[st
         return [f"? ({type(err).__name__}: {err})"[:120]]
 
 
-def _task_names(rm) -> dict[str, str]:
+def _task_names(rm, int8_arith: bool = False) -> dict[str, str]:
     """Structural hash → task name of the tuning tasks of ``rm`` (extracted as ``tune`` does), to
     name the workloads of a database (whose workload file keys them by that hash)."""
     import tvm
@@ -209,18 +214,20 @@ def _task_names(rm) -> dict[str, str]:
     with target:
         mod = tvm.transform.Sequential(
             [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")]
-        )(prepare_module(rm, host, False))
+        )(prepare_module(rm, host, int8_arith))
     return {str(tvm_ffi.structural_hash(t.dispatched[0])): t.task_name for t in ms.relax_integration.extract_tasks(mod, target, {})}
 
 
 class _Case:
     """One compiled graph (dense or low rank) of one model: its Relax module and its reference."""
 
-    def __init__(self, label: str, graph, rm, rm_plain, in_specs, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
+    def __init__(self, label: str, graph, rm, rm_plain, in_specs, feeds: list[dict[str, np.ndarray]], threads: int,
+                 int8_arith: bool = False) -> None:
         import tvm
 
         # rm: what `edgecomp build --target host` compiles (NHWC convs); rm_plain: the import as is
         self.label, self.graph, self.rm, self.rm_plain, self.in_specs, self.feeds = label, graph, rm, rm_plain, in_specs, feeds
+        self.int8_arith = int8_arith
         self.sess = _ort_session(graph, threads)
         self.reference = [self.sess.run(None, f) for f in feeds]
         self.tparams = {id(m): [tvm.runtime.tensor(p) for p in m.params] for m in (rm, rm_plain)}
@@ -262,7 +269,7 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
 
     _log(f"[{case.label}] compiling untuned (default schedules) ...")
     t0 = time.perf_counter()
-    ex = compile_relax(case.rm, host)
+    ex = compile_relax(case.rm, host, int8_arith=case.int8_arith)
     row["untuned_compile_s"] = round(time.perf_counter() - t0, 2)
     lat, out = _measure_exe(case, ex, args.block_ms, args.repeat)
     row["untuned"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
@@ -278,9 +285,10 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
     # (stdout) takes that level on the next run in this process: reset it so the log stays in DB/logs.
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    report = tune(case.rm, host, db, trials, progress=Progress(enabled=True))
+    report = tune(case.rm, host, db, trials, int8_arith=case.int8_arith, progress=Progress(enabled=True))
     wall = time.perf_counter() - t0
-    row["tuning"] = {**report.to_json(), "wall_s": round(wall, 1), **_db_health(Path(report.db), lambda: _task_names(case.rm))}
+    row["tuning"] = {**report.to_json(), "wall_s": round(wall, 1),
+                     **_db_health(Path(report.db), lambda: _task_names(case.rm, case.int8_arith))}
     _log(f"[{case.label}] tuned: {report.trials_run} trials over {report.tasks} task(s) in {wall:.0f} s "
          f"({row['tuning']['failed_candidates']} failed candidate(s), "
          f"{row['tuning']['workloads_without_valid_record']} workload(s) without a valid record)")
@@ -296,7 +304,7 @@ def _measure_tuned(case: _Case, db: Path, args, original_ref) -> dict[str, Any]:
     from edgecomp.targets.lowering import compile_relax
 
     t0 = time.perf_counter()
-    ex = compile_relax(case.rm, get_target("host"), db=db)
+    ex = compile_relax(case.rm, get_target("host"), int8_arith=case.int8_arith, db=db)
     row: dict[str, Any] = {"tuned_compile_s": round(time.perf_counter() - t0, 2)}
     lat, out = _measure_exe(case, ex, args.block_ms, args.repeat)
     row["tuned"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
@@ -331,26 +339,36 @@ def _measure_in_child(name: str, db_root: Path, argv: list[str]) -> dict[str, An
     return _in_fresh_process(argv, ["--db", str(db_root), "--child", name], f"measuring {name}")
 
 
-def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None):
+def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None, int8: str | None = None):
     """The graph ``edgecomp build`` compiles (and its input specs, pass records)."""
     from edgecomp.api import _front as build_front
     from edgecomp.numerics import Tolerance
     from edgecomp.progress import Progress
 
-    fr = build_front(assets.onnx, None, shapes, assets.eval, 8, assets.calib, lowrank, None, None, None, None,
-                     False, Tolerance(), None, Progress(enabled=False))
+    fr = build_front(assets.onnx, None, shapes, assets.eval, 8, assets.calib, lowrank, int8, None, None, None,
+                     int8 is not None, Tolerance(), None, Progress(enabled=False))
     return fr
 
 
-def _case(label: str, assets, shapes, lowrank: str | None, feeds, threads: int):
-    """The ``_Case`` of one row (the graph ``edgecomp build`` compiles) and its front-half result."""
+def _case(label: str, assets, shapes, lowrank: str | None, feeds, threads: int, int8: str | None = None):
+    """The ``_Case`` of one row (the graph ``edgecomp build`` compiles) and its front-half result;
+    ``int8``: the int8 pass's method, compiled with int8 arithmetic."""
     from edgecomp.targets import get_target
     from edgecomp.targets.lowering import to_relax, wants_channels_last
 
-    fr = _front(assets, shapes, lowrank)
+    fr = _front(assets, shapes, lowrank, int8)
     specs = ({s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
-    rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host")))
-    return _Case(label, fr.final, rm, to_relax(fr.final, *specs), fr.in_specs, feeds, threads), fr
+    rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host"), int8 is not None))
+    return _Case(label, fr.final, rm, to_relax(fr.final, *specs), fr.in_specs, feeds, threads, int8 is not None), fr
+
+
+def _variant_of(label: str, args) -> tuple[str, str | None, str | None]:
+    """(model name, low-rank policy, int8 method) of a row label (``NAME``, ``NAME-lowrank``, ``NAME-int8``)."""
+    if label.endswith("-lowrank"):
+        return label.removesuffix("-lowrank"), args.lowrank, None
+    if label.endswith("-int8"):
+        return label.removesuffix("-int8"), None, args.int8
+    return label, None, None
 
 
 def _model_inputs(name: str, args):
@@ -363,7 +381,7 @@ def _model_inputs(name: str, args):
     return assets, shapes, [{k: arrays[k][i] for k in shapes} for i in range(count)]
 
 
-def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -> dict[str, Any]:
+def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_root: Path, args) -> dict[str, Any]:
     threads = os.cpu_count() or 1
     assets, shapes, feeds = _model_inputs(name, args)
     count = len(feeds)
@@ -377,27 +395,39 @@ def _measure(name: str, trials: int, lowrank_trials: int, db_root: Path, args) -
     del sess
 
     rows = []
-    variants = [(name, None, trials)]
+    variants = [(name, trials)]
     if name in args.lowrank_models.split(",") and args.lowrank and lowrank_trials > 0:
-        variants.append((f"{name}-lowrank", args.lowrank, lowrank_trials))
-    for label, lowrank, n in variants:
+        variants.append((f"{name}-lowrank", lowrank_trials))
+    if name in args.int8_models.split(",") and args.int8 and int8_trials > 0:
+        variants.append((f"{name}-int8", int8_trials))
+    for label, n in variants:
+        _, lowrank, int8 = _variant_of(label, args)
+        lossy = bool(lowrank or int8)
         try:
-            case, fr = _case(label, assets, shapes, lowrank, feeds, threads)
+            case, fr = _case(label, assets, shapes, lowrank, feeds, threads, int8)
             rm = case.rm
-            row = _run_case(case, n, db_root, args, original_ref if lowrank else None)
-            row["lowrank"] = lowrank
+            row = _run_case(case, n, db_root, args, original_ref if lossy else None)
+            row["lowrank"], row["int8"] = lowrank, int8
             row["params"] = int(sum(p.size for p in rm.params))
-            if lowrank:
+            if lossy:
                 row["ort_same_graph"] = _time_ort(case.sess, feeds[0], args.block_ms, args.repeat)
                 row["passes"] = [{"name": r.name, "params": list(r.params), "stats": r.stats} for r in fr.records if r.lossy]
         except Exception as err:  # noqa: BLE001  (a failed variant is a row, not the end of the run)
             import traceback
 
             traceback.print_exc()
-            row = {"label": label, "lowrank": lowrank, "error": f"{type(err).__name__}: {err}"[:300]}
+            row = {"label": label, "lowrank": lowrank, "int8": int8, "error": f"{type(err).__name__}: {err}"[:300]}
         rows.append(row)
     result["rows"] = rows
     return result
+
+
+def _row_title(model: str, row: dict[str, Any]) -> str:
+    if row.get("lowrank"):
+        return f"{model} low rank ({row['lowrank']})"
+    if row.get("int8"):
+        return f"{model} int8 ({row['int8']}, int8 arithmetic)"
+    return row["label"]
 
 
 def _fmt(lat: dict[str, Any]) -> str:
@@ -441,7 +471,7 @@ def _report(doc: dict[str, Any]) -> str:
             continue
         ort = r["ort"]
         for row in r["rows"]:
-            label = row["label"] if not row.get("lowrank") else f"{r['model']} low rank ({row['lowrank']})"
+            label = _row_title(r["model"], row)
             if "error" in row:
                 lines.append(f"| {label} | {_fmt(ort)} | FAILED: {row['error']} | | | | |")
                 continue
@@ -464,8 +494,9 @@ def _report(doc: dict[str, Any]) -> str:
                 continue
             tu = row["tuning"]
             extra = ""
-            if row.get("lowrank"):
-                extra = (f"; ORT on the low-rank graph {_fmt(row['ort_same_graph'])} ms; max abs vs the original model: "
+            if row.get("lowrank") or row.get("int8"):
+                graph = "low-rank" if row.get("lowrank") else "QDQ int8 (its own int8 kernels)"
+                extra = (f"; ORT on the {graph} graph {_fmt(row['ort_same_graph'])} ms; max abs vs the original model: "
                          f"untuned {row['untuned']['max_abs_vs_original']:.2e}, tuned {row['tuned']['max_abs_vs_original']:.2e}")
             lines.append(
                 f"- {row['label']}: {row['params']:,} params; {tu['tasks']} task(s) ({tu['workloads']} with records), {tu['trials_run']} trials "
@@ -477,16 +508,16 @@ def _report(doc: dict[str, Any]) -> str:
                 f"; timing number×repeat ORT {r['ort']['number']}×{r['ort']['repeat']}, untuned "
                 f"{row['untuned']['number']}×{row['untuned']['repeat']}, tuned {row['tuned']['number']}×{row['tuned']['repeat']}{extra}"
             )
-    dense = {r["model"]: next((x for x in r["rows"] if not x.get("lowrank") and "error" not in x), None)
+    dense = {r["model"]: next((x for x in r["rows"] if not x.get("lowrank") and not x.get("int8") and "error" not in x), None)
              for r in doc["results"] if "error" not in r}
     for r in doc["results"]:
         if "error" in r:
             continue
         for row in r["rows"]:
             d = dense.get(r["model"])
-            if row.get("lowrank") and "error" not in row and d is not None:
+            if (row.get("lowrank") or row.get("int8")) and "error" not in row and d is not None:
                 lines.append(
-                    f"- {r['model']}: low rank vs dense, untuned {row['untuned']['median_ms']:.3f} vs "
+                    f"- {r['model']}: {'low rank' if row.get('lowrank') else 'int8'} vs dense fp32, untuned {row['untuned']['median_ms']:.3f} vs "
                     f"{d['untuned']['median_ms']:.3f} ms ({row['untuned']['median_ms'] / d['untuned']['median_ms']:.2f}×), "
                     f"tuned {row['tuned']['median_ms']:.3f} vs {d['tuned']['median_ms']:.3f} ms "
                     f"({row['tuned']['median_ms'] / d['tuned']['median_ms']:.2f}×)"
@@ -533,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lowrank", default="erank:1.0", help="low-rank policy of the extra low-rank rows ('' = none)")
     ap.add_argument("--lowrank-models", default=",".join(LOWRANK_MODELS), help="models that get a low-rank row (default digits-cnn)")
     ap.add_argument("--lowrank-trials", type=int, default=None, help="trial budget of the low-rank graph (default: the model's)")
+    ap.add_argument("--int8", default="minmax", help="int8 method of the extra int8 rows, compiled with int8 arithmetic ('' = none)")
+    ap.add_argument("--int8-models", default=",".join(INT8_MODELS), help="models that get an int8 row (default minilm)")
+    ap.add_argument("--int8-trials", type=int, default=None, help="trial budget of the int8 graph (default: the model's)")
     ap.add_argument("--repeat", type=int, default=30, help="timed blocks per configuration (default 30)")
     ap.add_argument("--block-ms", type=float, default=50.0, help="minimum length of a timed block (default 50 ms)")
     ap.add_argument("--check-samples", type=int, default=8, help="eval samples the numerics are checked on (default 8)")
@@ -557,12 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     trials = _parse_trials(args.trials)
     if args.tuned_child:  # one row's tuned build, timed in this fresh process (see _tuned_in_child)
         label, db, dest = args.tuned_child
-        name = label.removesuffix("-lowrank")
+        name, lowrank, int8 = _variant_of(label, args)
         assets, shapes, feeds = _model_inputs(name, args)
-        lowrank = args.lowrank if label.endswith("-lowrank") else None
-        case, _ = _case(label, assets, shapes, lowrank, feeds, os.cpu_count() or 1)
+        case, _ = _case(label, assets, shapes, lowrank, feeds, os.cpu_count() or 1, int8)
         original_ref = None
-        if lowrank:
+        if lowrank or int8:
             sess = _ort_session(assets.onnx, os.cpu_count() or 1)
             original_ref = [sess.run(None, f) for f in feeds]
         Path(dest).write_text(json.dumps(_measure_tuned(case, Path(db), args, original_ref)))
@@ -573,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         db_root = Path(args.db)
         warm_up = _warm_up(db_root / f"warm-up-{name}")
         _log(f"warm-up (TVM compile and MetaSchedule's first tuning run in this process): {warm_up:.0f} s")
-        row = _measure(name, n, args.lowrank_trials if args.lowrank_trials is not None else n, db_root, args)
+        row = _measure(name, n, args.lowrank_trials if args.lowrank_trials is not None else n,
+                       args.int8_trials if args.int8_trials is not None else n, db_root, args)
         row["warm_up_s"] = round(warm_up, 1)
         Path(dest).write_text(json.dumps(row))
         return 0
@@ -600,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             "warm_up_s": None if warm_up is None else round(warm_up, 1),
             "trials": {m: trials.get(m, 64) for m in models},
             "lowrank_trials": args.lowrank_trials,
+            "int8": args.int8,
+            "int8_trials": args.int8_trials,
             "note": args.note,
             "results": results,
         }

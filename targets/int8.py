@@ -64,7 +64,7 @@ class SiteStats:
     w_dtype: str
     rewritten: bool
     reason: str = ""  # why not, when not rewritten
-    act_zero_point: int | None = None  # in the int8 domain (after a uint8 shift)
+    act_zero_point: int | None = None  # in the domain of the product: int8 (a uint8 shifted), or uint8 (unsigned_activations)
     weight_zero_point: str = ""  # "zero" | "nonzero-const" | "runtime"
     folded_weight_terms: bool = False
 

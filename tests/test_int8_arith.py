@@ -440,3 +440,42 @@ def test_int8_dot_sdot_runs_emulated(tmp_path):
     assert isinstance(got, np.ndarray), got.stderr[-500:]
     assert np.abs(got - host).max() <= _output_scale(qmodel) * (1 + 1e-3)
     assert (got == host).mean() >= 0.95
+
+
+def residual_model() -> onnx.ModelProto:
+    """Conv 1x1 → Relu → Conv 3x3 (pad 1) → Add(input): the second conv's kernel reads a
+    dequantized residual beside its own input, and its input is padded with the zero point."""
+    rng = np.random.default_rng(SEED + 3)
+    init = lambda name, *shape, s=0.3: numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)  # noqa: E731
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "C1", "c1"], ["a1"]),
+        n("Relu", ["a1"], ["r1"]),
+        n("Conv", ["r1", "C2", "c2"], ["a2"], pads=[1, 1, 1, 1]),
+        n("Add", ["a2", "x"], ["y"]),
+    ]
+    return _model(nodes, (1, 8, 6, 6), (1, 8, 6, 6), [init("C1", 16, 8, 1, 1), init("c1", 16, s=0.1),
+                                                      init("C2", 8, 16, 3, 3, s=0.1), init("c2", 8, s=0.1)])
+
+
+def test_int8_residual_and_pad_kernels_are_scheduled(tmp_path):
+    """Every kernel of an int8 residual block gets a default schedule (the conv whose epilogue adds a
+    dequantized residual included: the side input is inlined into the epilogue), and the code
+    matches ORT's int8 model within one output step."""
+    from edgecomp.targets.cpu_schedules import schedule_report
+    from edgecomp.targets.lowering import prepare_module
+
+    shape = (1, 8, 6, 6)
+    qmodel = _quantize(residual_model(), shape, "u8-asym", tmp_path)
+    rm = to_relax(qmodel, {"x": shape}, {"x": "float32"})
+    report = schedule_report(prepare_module(rm, HOST, int8_arith=True), HOST.tvm())
+    convs = {k: v for k, v in report.items() if "conv2d" in k}
+    assert len(convs) >= 2 and set(convs.values()) == {"Contraction"}, report  # (+ the weight zero point's window sums)
+    assert any("dequantize" in k for k in convs), report  # the residual's dequantize is in a conv's kernel
+    assert all(v != "none" for k, v in report.items() if "pad" in k), report
+    xs = _inputs(shape, 4, SEED + 23)
+    got = np.stack(_run_tvm(compile_relax(rm, HOST, int8_arith=True), rm, xs))
+    sess = ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.stack([sess.run(None, {"x": x})[0] for x in xs])
+    steps = np.abs(got - ref) / _output_scale(qmodel)
+    assert steps.max() <= 1.0 + 1e-3 and (steps < 1e-3).mean() >= 0.95, (steps.max(), (steps < 1e-3).mean())

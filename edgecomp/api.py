@@ -334,7 +334,7 @@ def build(
     with bundle_fmt.staged_output(out, force=force, protect=[model_path]) as stage:
         with progress.stage("importing into TVM Relax"):
             relax_model = to_relax(final, {s.name: s.shape for s in in_specs}, {s.name: s.dtype for s in in_specs},
-                                   channels_last_convs=wants_channels_last(tgt, int8_arith))
+                                   channels_last_convs=wants_channels_last(tgt), int8_arith=int8_arith)
         with progress.stage(f"compiling for {tgt.name} ({tgt.target_dict()})"):
             executable = compile_relax(relax_model, tgt, int8_arith=int8_arith, db=db)
         with progress.stage(f"linking {bundle_fmt.CODE}" + (f" with {tgt.cross_compiler}" if tgt.cross_compiler else "")):
@@ -514,7 +514,7 @@ def tune(
                 int8_arith, tolerance, accuracy, progress)
     with progress.stage("importing into TVM Relax"):
         relax_model = to_relax(fr.final, {s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs},
-                               channels_last_convs=wants_channels_last(tgt, int8_arith))
+                               channels_last_convs=wants_channels_last(tgt), int8_arith=int8_arith)
     report = ms_tune(relax_model, tgt, db, trials, int8_arith=int8_arith, trials_per_task=trials_per_task,
                      tracker=where, rpc_key=rpc_key, progress=progress)
     progress.note(f"database {report.db}: {report.trials_before + report.trials_run} records")

@@ -243,54 +243,63 @@ class _Rewriter:
         from tvm import relax
 
         R = relax.op
-        site, got = self._operands(orig, m, pats, "conv2d", 0)
+        attrs = orig.attrs
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        nhwc = layouts == ("NHWC", "HWIO", "NHWC")
+        site, got = self._operands(orig, m, pats, "conv2d", 3 if nhwc else 0)
         if isinstance(got, str):
             return self._skip(orig, site, got)
-        attrs = orig.attrs
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
+        if layouts != ("NCHW", "OIHW", "NCHW") and not nhwc:
             return self._skip(orig, site, f"layout {attrs.data_layout}/{attrs.kernel_layout}")
         x_q, zx, sx, w_q, zw, zw_known, sw = got
-        out_ch, groups = site.w_shape[0], int(attrs.groups)
+        # OIHW or HWIO: the output channels, each one's reduction (cin/g, kh, kw), its axes
+        out_ch, groups = site.w_shape[3 if nhwc else 0], int(attrs.groups)
+        cin_g, kh, kw = (site.w_shape[2], *site.w_shape[:2]) if nhwc else site.w_shape[1:]
+        red_axes = (0, 1, 2) if nhwc else (1, 2, 3)
+        per_channel = (lambda e: R.reshape(e, [1, 1, 1, out_ch])) if nhwc else (lambda e: R.reshape(e, [1, out_ch, 1, 1]))
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
         top, left, bottom, right = (int(p) for p in attrs.padding)
 
         zw_n = int(np.prod(_shape(m[pats["zw"]]) or ()))
-        x8, zx8 = _to_int8(x_q, np.array(zx))
+        x8, zx8 = (_to_uint8 if self.unsigned else _to_int8)(x_q, np.array(zx))
         zx8 = int(zx8)
+        if pats["xperm"] in m:  # transpose the 8-bit input instead of the dequantized one
+            x8 = R.permute_dims(x8, [int(a) for a in m[pats["xperm"]].attrs.axes])
         w8, zw8 = _to_int8(w_q, zw)
         if top or left or bottom or right:
             # Pad with the zero point: padded positions then contribute x - zx = 0, as in fp32.
-            x8 = R.nn.pad(x8, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx8))
+            hw = [top, bottom, left, right]
+            x8 = R.nn.pad(x8, [0, 0, *hw, 0, 0] if nhwc else [0, 0, 0, 0, *hw], pad_value=float(zx8))
 
         def conv(data, weight, g):
-            return R.nn.conv2d(data, weight, strides=strides, padding=0, dilation=dilation, groups=g, out_dtype="int32")
+            return R.nn.conv2d(data, weight, strides=strides, padding=0, dilation=dilation, groups=g, out_dtype="int32",
+                               data_layout=layouts[0], kernel_layout=layouts[1], out_layout=layouts[2])
 
         acc = conv(x8, w8, groups)
-        k = int(np.prod(site.w_shape[1:]))
+        k = cin_g * kh * kw
         zw_zero = zw_known and not np.any(zw8)
         if zx8 != 0:
             if self.fold and self._weights_known(w_q):
                 wv = _const_value(w_q, self.params).astype(np.int32)
                 wv = wv - 128 if site.w_dtype == "uint8" else wv
-                term = zx8 * wv.reshape(out_ch, -1).sum(axis=1)
+                term = zx8 * wv.sum(axis=red_axes)
                 if zw_known:
                     term = term - k * zx8 * np.broadcast_to(np.asarray(zw8, np.int32).reshape(-1), (out_ch,))
-                acc = R.subtract(acc, relax.const(term.reshape(1, out_ch, 1, 1).astype(np.int32), "int32"))
+                acc = R.subtract(acc, per_channel(relax.const(term.astype(np.int32), "int32")))
                 site.folded_weight_terms = True
             else:
-                colsum = R.sum(R.astype(w8, "int32"), axis=[1, 2, 3], keepdims=True)  # [O,1,1,1]
-                acc = R.subtract(acc, R.multiply(relax.const(zx8, "int32"), R.reshape(colsum, [1, out_ch, 1, 1])))
+                colsum = R.sum(R.astype(w8, "int32"), axis=list(red_axes))  # [O]
+                acc = R.subtract(acc, R.multiply(relax.const(zx8, "int32"), per_channel(colsum)))
             if not zw_zero and not (site.folded_weight_terms and zw_known):  # K·zx·zw, unless folded
-                acc = R.add(acc, R.multiply(relax.const(k * zx8, "int32"), self._zw_nchw(zw8, zw_n)))
+                acc = R.add(acc, R.multiply(relax.const(k * zx8, "int32"), self._zw_channels(zw8, zw_n, per_channel)))
         if not zw_zero:
             # Σ_k x over each output's window (per group), broadcast to the group's channels.
-            cin_g, kh, kw = site.w_shape[1:]
-            ones = relax.const(np.ones((groups, cin_g, kh, kw), np.int32), "int32")
-            win = conv(R.astype(x8, "int32"), ones, groups)  # [B, groups, OH, OW]
+            ones_shape = (kh, kw, cin_g, groups) if nhwc else (groups, cin_g, kh, kw)
+            win = conv(R.astype(x8, "int32"), relax.const(np.ones(ones_shape, np.int32), "int32"), groups)  # [.., groups, ..]
             if groups > 1 and out_ch != groups:
-                win = R.repeat(win, out_ch // groups, axis=1)
-            acc = R.subtract(acc, R.multiply(self._zw_nchw(zw8, zw_n), win))
+                win = R.repeat(win, out_ch // groups, axis=3 if nhwc else 1)
+            acc = R.subtract(acc, R.multiply(self._zw_channels(zw8, zw_n, per_channel), win))
 
         site.act_zero_point = zx8
         site.weight_zero_point = "zero" if zw_zero else ("nonzero-const" if zw_known else "runtime")
@@ -298,7 +307,7 @@ class _Rewriter:
         self._record(orig, site)
         scale = R.multiply(sx, sw)
         if (_shape(sw) or ()) not in ((), (1,)):
-            scale = R.reshape(scale, [1, out_ch, 1, 1])
+            scale = per_channel(scale)
         return R.multiply(R.astype(acc, "float32"), scale)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -313,21 +322,24 @@ class _Rewriter:
             return relax.const(zw8.astype(np.int32), "int32")
         return relax.op.astype(zw8, "int32")
 
-    def _zw_nchw(self, zw8, n: int):
-        """The weight zero point broadcastable against NCHW (``n``: its number of elements)."""
-        from tvm import relax
-
+    def _zw_channels(self, zw8, n: int, per_channel):
+        """The weight zero point broadcastable against the conv output (``n``: its number of
+        elements; ``per_channel``: reshapes a [C] vector for the output layout)."""
         expr = self._zw_expr(zw8)
-        return relax.op.reshape(expr, [1, n, 1, 1]) if n > 1 else expr
+        return per_channel(expr) if n > 1 else expr
 
 
 def _patterns():
     from tvm.relax.dpl import is_op, wildcard
 
     pats = {k: wildcard() for k in ("xq", "sx", "zx", "wq", "sw", "zw")}
-    pats["dqx"] = is_op("relax.dequantize")(pats["xq"], pats["sx"], pats["zx"])
+    # an activation's dequantize, as an op or written out elementwise (decompose_qdq, for the layout pass)
+    written_out = is_op("relax.multiply")(
+        is_op("relax.astype")(is_op("relax.subtract")(is_op("relax.astype")(pats["xq"]), pats["zx"])), pats["sx"])
+    pats["dqx"] = is_op("relax.dequantize")(pats["xq"], pats["sx"], pats["zx"]) | written_out
     pats["dqw"] = is_op("relax.dequantize")(pats["wq"], pats["sw"], pats["zw"])
     pats["perm"] = is_op("relax.permute_dims")(pats["dqw"])
+    pats["xperm"] = is_op("relax.permute_dims")(pats["dqx"])  # an NCHW input made NHWC for a conv
     return pats
 
 
@@ -356,7 +368,7 @@ def rewrite_int8(mod, params: Mapping[str, np.ndarray] | None = None, *, fold_we
     pats = _patterns()
     mm = is_op("relax.matmul")(pats["dqx"], pats["dqw"])
     mm_t = is_op("relax.matmul")(pats["dqx"], pats["perm"])
-    conv = is_op("relax.nn.conv2d")(pats["dqx"], pats["dqw"])
+    conv = is_op("relax.nn.conv2d")(pats["dqx"] | pats["xperm"], pats["dqw"])
 
     out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
     for gv, func in mod.functions.items():

@@ -198,11 +198,13 @@ def gemm_weights_kn(model: onnx.ModelProto) -> tuple[onnx.ModelProto, frozenset[
 
 
 def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], input_dtypes: dict[str, str],
-             channels_last_convs: bool = False) -> RelaxModel:
+             channels_last_convs: bool = False, int8_arith: bool | None = False) -> RelaxModel:
     """Import a static-shape ONNX model into Relax with its weights detached.
 
     ``channels_last_convs``: convolutions as NHWC with HWIO weights (:func:`channels_last`; what
-    :func:`wants_channels_last` says for the target)."""
+    :func:`wants_channels_last` says for the target); with ``int8_arith`` (a QDQ model compiled
+    with int8 arithmetic) the activations' quantize/dequantize are written out first
+    (:func:`decompose_qdq`), so that the layout runs through them."""
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -232,6 +234,8 @@ def to_relax(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], i
     if not channels_last_convs:
         return out
     try:
+        if int8_arith:
+            return channels_last(RelaxModel(decompose_qdq(out.mod), out.param_names, out.params, out.layouts))
         return channels_last(out)
     except Exception as err:  # noqa: BLE001  (a layout the pass cannot convert: NCHW code is still correct)
         msg = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
@@ -251,12 +255,60 @@ def _stored_layout(shape: tuple[int, ...], ops: tuple) -> str | None:
     return None if np.array_equal(order.ravel(), original.ravel()) else "permuted"
 
 
-def wants_channels_last(target: Target, int8_arith: bool | None = False) -> bool:
+def wants_channels_last(target: Target) -> bool:
     """Whether ``target``'s code wants NHWC convolutions: edgecomp's CPU pipeline does (its
     default schedules vectorize the channels: MobileNetV2 on this project's x86 VM 11.8 → 6.4 ms,
     NCHW's 7- and 14-wide rows fill a 16-lane vector badly); GPU pipelines (dlight's NCHW rules)
-    and ``--int8-arith`` (its rewrite folds weight sums in OIHW) keep ONNX's NCHW."""
-    return target.default_pipeline == "cpu" and not int8_arith
+    keep ONNX's NCHW."""
+    return target.default_pipeline == "cpu"
+
+
+def decompose_qdq(mod):
+    """``mod`` with each activation's ``quantize``/``dequantize`` (constant scalar scale and zero
+    point) written out as elementwise ops, with TVM's own formulas (its legalization of the two
+    ops): ``clip(round(x / s) + z)`` cast, and ``float(int32(q) - z) * s``. Relax's
+    ``ConvertLayout`` has no layout rule for the two ops and wraps each in transposes (156 of them
+    in MobileNetV2's int8 graph); elementwise ops carry NHWC through. Dequantizes of weights
+    (parameters, constants) stay ops: :func:`channels_last` moves their axis, and the int8
+    rewrite (``targets.int8``) recognizes both forms."""
+    import tvm
+    from tvm import relax
+
+    R = relax.op
+
+    def scalar(expr) -> np.ndarray | None:
+        if isinstance(expr, tvm.ir.expr.GenericConst) and expr.value.numpy().size == 1:
+            return expr.value.numpy().reshape(())
+        return None
+
+    @relax.expr_functor.mutator
+    class _Decompose(relax.PyExprMutator):
+        def __init__(self, weights) -> None:
+            super().__init__()
+            self.weights = weights
+
+        def visit_call_(self, call):  # noqa: ANN001, ANN202
+            call = super().visit_call_(call)
+            name = getattr(call.op, "name", "")
+            if name not in ("relax.quantize", "relax.dequantize"):
+                return call
+            x, s, z = call.args
+            s, z, out = scalar(s), scalar(z), str(call.attrs.out_dtype)
+            if s is None or z is None or (name == "relax.dequantize" and (out != "float32" or x in self.weights
+                                                                          or isinstance(x, tvm.ir.expr.GenericConst))):
+                return call
+            f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731
+            if name == "relax.quantize":
+                info = np.iinfo(out)
+                v = R.add(R.round(R.divide(x, relax.const(s, str(s.dtype)))), f32(z))
+                return self.builder_.normalize(R.astype(R.maximum(R.minimum(v, f32(info.max)), f32(info.min)), out))
+            v = R.astype(R.subtract(R.astype(x, "int32"), relax.const(np.int32(z), "int32")), "float32")
+            return self.builder_.normalize(R.multiply(v, relax.const(np.float32(s), "float32")))
+
+    func = mod["main"]
+    out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    out["main"] = _Decompose(set(func.params)).visit_expr(func)
+    return out
 
 
 def channels_last(relax_model: RelaxModel) -> RelaxModel:

@@ -479,3 +479,38 @@ def test_int8_residual_and_pad_kernels_are_scheduled(tmp_path):
     ref = np.stack([sess.run(None, {"x": x})[0] for x in xs])
     steps = np.abs(got - ref) / _output_scale(qmodel)
     assert steps.max() <= 1.0 + 1e-3 and (steps < 1e-3).mean() >= 0.95, (steps.max(), (steps < 1e-3).mean())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ["cnn", "residual"])
+def test_channels_last_int8_matches_onnxruntime(quantized, tmp_path, name, variant):
+    """What ``edgecomp build --int8-arith`` compiles for a CPU: the activations' quantize/dequantize
+    written out elementwise, convs NHWC/HWIO (no transposes left around them), then the int8 rewrite
+    on the NHWC convs; within one output step of ORT's int8 model."""
+    from tvm import relax
+
+    if name == "residual":
+        shape, qmodel = (1, 8, 6, 6), _quantize(residual_model(), (1, 8, 6, 6), variant, tmp_path)
+    else:
+        shape, qmodel = CNN_SHAPE, quantized(name, variant)
+    rm = to_relax(qmodel, {"x": shape}, {"x": "float32"}, channels_last_convs=True, int8_arith=True)
+    convs, permutes = [], []
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            convs.append(str(expr.attrs.data_layout))
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.permute_dims":
+            permutes.append(expr)
+
+    relax.analysis.post_order_visit(rm.mod["main"].body, visit)
+    assert convs and set(convs) == {"NHWC"}
+    # activations transposed at run time: the input (once per consumer: residual's conv and add) and the output
+    assert len([p for p in permutes if len(p.ty.shape) == 4 and int(p.ty.shape[1]) > 1]) <= 3
+    mod, stats = rewrite_int8(rm.mod, dict(zip(rm.param_names, rm.params)), fold_weight_terms=True)
+    assert stats.rewritten == stats.matched == MODELS.get(name, (None, None, 2))[2], stats.to_json()
+    xs = _inputs(shape, 6, SEED + 29)
+    got = np.stack(_run_tvm(compile_relax(rm, HOST, int8_arith=True), rm, xs))
+    sess = ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.stack([sess.run(None, {"x": x})[0] for x in xs])
+    steps = np.abs(got - ref) / _output_scale(qmodel)
+    assert steps.max() <= 1.0 + 1e-3 and (steps < 1e-3).mean() >= 0.95, (steps.max(), (steps < 1e-3).mean())

@@ -358,7 +358,7 @@ def _case(label: str, assets, shapes, lowrank: str | None, feeds, threads: int, 
 
     fr = _front(assets, shapes, lowrank, int8)
     specs = ({s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
-    rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host"), int8 is not None))
+    rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host")), int8_arith=int8 is not None)
     return _Case(label, fr.final, rm, to_relax(fr.final, *specs), fr.in_specs, feeds, threads, int8 is not None), fr
 
 

@@ -412,10 +412,12 @@ def test_int8_dot_vnni(tmp_path, variant):
     assert np.array_equal(got, other)
 
 
-def test_int8_dot_sdot_runs_emulated(tmp_path):
-    """arm64 with +dotprod (Cortex-A76 preset): both int8 matmuls are Int8Dot kernels on ``sdot``
-    (int8 × int8: the activations stay signed), and the library run on an emulated v8.2 core
-    matches this machine's int8 code within one output step."""
+@pytest.mark.parametrize("name", ["dense", "residual"])
+def test_int8_dot_sdot_runs_emulated(tmp_path, name):
+    """arm64 with +dotprod (Cortex-A76 preset): the int8 matmuls (dense: MatMul and Gemm; residual:
+    the NHWC 1x1 conv) are Int8Dot kernels on ``sdot`` (int8 × int8: the activations stay signed),
+    and the library run on an emulated v8.2 core matches this machine's int8 code within one
+    output step."""
     import shutil
 
     from edgecomp.targets import get_target
@@ -424,17 +426,22 @@ def test_int8_dot_sdot_runs_emulated(tmp_path):
 
     a76 = get_target("arm64-a76")
     assert int8_dot(a76.tvm()) == ("dot_4x4_i8i8s32_sdot", 4, "int8")
-    qmodel = _quantize(dense_model(), DENSE_SHAPE, "u8-asym", tmp_path)
-    rm = to_relax(qmodel, {"x": DENSE_SHAPE}, {"x": "float32"})
-    report = _int8_kernels(schedule_report(prepare_module(rm, a76, int8_arith=True), a76.tvm()))
-    assert len(report) == 2 and set(report.values()) == {"Int8Dot"}, report
+    shape = DENSE_SHAPE if name == "dense" else (1, 8, 6, 6)
+    qmodel = _quantize(dense_model() if name == "dense" else residual_model(), shape, "u8-asym", tmp_path)
+    rm = to_relax(qmodel, {"x": shape}, {"x": "float32"}, channels_last_convs=True, int8_arith=True)
+    report = schedule_report(prepare_module(rm, a76, int8_arith=True), a76.tvm())
+    if name == "dense":
+        report = _int8_kernels(report)
+        assert len(report) == 2 and set(report.values()) == {"Int8Dot"}, report
+    else:  # the 1x1 conv (8 → 16 channels) on sdot; the 3x3 conv and the zero-point window sums in int32 lanes
+        assert "Int8Dot" in report.values(), report
     executable = compile_relax(rm, a76, int8_arith=True)
     assert re.search(r"^\s*sdot\s", _asm(executable), re.M)
     if shutil.which(a76.cross_compiler) is None:
         pytest.skip(f"{a76.cross_compiler} is not installed")
     so = tmp_path / "dense-int8.so"
     export_library(executable, so, a76)
-    x = _inputs(DENSE_SHAPE, 1, SEED + 19)[0]
+    x = _inputs(shape, 1, SEED + 19)[0]
     host = _run_tvm(compile_relax(rm, HOST, int8_arith=True), rm, [x])[0]
     got = _emulated(so, rm, x, tmp_path, ("cortex-a76",))["cortex-a76"]
     assert isinstance(got, np.ndarray), got.stderr[-500:]

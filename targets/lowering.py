@@ -283,9 +283,9 @@ def decompose_qdq(mod):
 
     @relax.expr_functor.mutator
     class _Decompose(relax.PyExprMutator):
-        def __init__(self, weights) -> None:
+        def __init__(self, params) -> None:
             super().__init__()
-            self.weights = weights
+            self.params = params  # the function's parameters: inputs and weights
 
         def visit_call_(self, call):  # noqa: ANN001, ANN202
             call = super().visit_call_(call)
@@ -294,7 +294,7 @@ def decompose_qdq(mod):
                 return call
             x, s, z = call.args
             s, z, out = scalar(s), scalar(z), str(call.attrs.out_dtype)
-            if s is None or z is None or (name == "relax.dequantize" and (out != "float32" or x in self.weights
+            if s is None or z is None or (name == "relax.dequantize" and (out != "float32" or x in self.params
                                                                           or isinstance(x, tvm.ir.expr.GenericConst))):
                 return call
             f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731

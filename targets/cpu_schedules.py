@@ -97,13 +97,13 @@ _DOT_LLVM = {"dot_16x4_vnni": (16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
 
 
 @functools.lru_cache(maxsize=None)
-def _dot_intrinsics(name: str) -> tuple[str, str, str]:
+def _dot_intrinsics(name: str) -> tuple[str, str]:
     """Register (once) the tensor intrinsics of the int8 dot product ``name`` (see :func:`int8_dot`);
-    returns their names: (dot product, pack of 4 rows of a [K, N] operand, pack of a [N, K] one).
+    returns their names: (dot product, pack of 4 rows of a [K, N] operand).
 
     TVM ships ``dot_16x4_vnni``/``dot_4x4_i8i8s32_sdot`` with a *global* accumulator; these
-    accumulate into a ``local`` buffer, so that the register tile stays in registers. The packs
-    put a 4 x lanes block of the second operand in the order the instruction reads it (lanes
+    accumulate into a ``local`` buffer, so that the register tile stays in registers. The pack
+    puts a 4 x lanes block of the second operand ([K, N]) in the order the instruction reads it (lanes
     groups of 4 consecutive k), with one shuffle instead of a byte-by-byte scatter (measured: the
     scatter took a third of MiniLM's 384x1536 int8 kernel)."""
     from tvm.s_tir import TensorIntrin
@@ -164,32 +164,8 @@ def _dot_intrinsics(name: str) -> tuple[str, str, str]:
                  A.vload([2, 0], f"int8x{lanes}"), A.vload([3, 0], f"int8x{lanes}")],
                 [k * lanes + j for j in range(lanes) for k in range(4)])
 
-    @T.prim_func(s_tir=True)
-    def pack_nk_desc(a: T.handle, p: T.handle) -> None:
-        s0 = T.int64()
-        A = T.match_buffer(a, (lanes, 4), "int8", strides=[s0, 1], offset_factor=1)
-        P = T.match_buffer(p, (lanes, 4), "int8", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:lanes, 0:4])
-            T.writes(P[0:lanes, 0:4])
-            for j, k in T.grid(lanes, 4):
-                with T.sblock("pack"):
-                    vj, vk = T.axis.remap("SS", [j, k])
-                    P[vj, vk] = A[vj, vk]
-
-    @T.prim_func(s_tir=True)
-    def pack_nk_impl(a: T.handle, p: T.handle) -> None:
-        s0 = T.int64()
-        A = T.match_buffer(a, (lanes, 4), "int8", strides=[s0, 1], offset_factor=1)
-        P = T.match_buffer(p, (lanes, 4), "int8", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:lanes, 0:4])
-            T.writes(P[0:lanes, 0:4])
-            P[0, T.ramp(T.int32(0), 1, lanes * 4)] = T.Shuffle(
-                [A.vload([j, 0], "int8x4") for j in range(lanes)], list(range(lanes * 4)))
-
-    names = (f"edgecomp.{name}.local", f"edgecomp.{name}.pack_kn", f"edgecomp.{name}.pack_nk")
-    for n, desc, impl in zip(names, (dot_desc, pack_kn_desc, pack_nk_desc), (dot_impl, pack_kn_impl, pack_nk_impl)):
+    names = (f"edgecomp.{name}.local", f"edgecomp.{name}.pack")
+    for n, desc, impl in zip(names, (dot_desc, pack_kn_desc), (dot_impl, pack_kn_impl)):
         TensorIntrin.register(n, desc, impl, override=True)
     return names
 
@@ -576,8 +552,8 @@ def _rules():
         (one shuffle per 4 x lanes block, computed once per panel) and then runs every row tile
         against it. The register tile is ``rows x vectors`` int32 accumulators as in
         :class:`Contraction`; the epilogue runs on each finished tile. Kernels whose shapes do
-        not fit (N not a multiple of the lanes, K not of 4, A not the instruction's dtype) are
-        left to the next rule."""
+        not fit (N not a multiple of the lanes, K not of 4, A not the instruction's dtype, B not
+        [.., K, N]) are left to the next rule."""
 
         def apply(self, func, target, _tunable):
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -623,13 +599,13 @@ def _rules():
             j_pos = next(p for p, rg in enumerate(b.region) if j_var in body_vars(rg.min))
             k_pos = next(p for p, rg in enumerate(b.region) if k_var in body_vars(rg.min))
             if not b.region[j_pos].min.same_as(j_var) or not b.region[k_pos].min.same_as(k_var) \
-                    or {j_pos, k_pos} != {len(b.region) - 2, len(b.region) - 1}:
-                return None  # B must be [.., K, N] or [.., N, K]
+                    or (k_pos, j_pos) != (len(b.region) - 2, len(b.region) - 1):
+                return None  # B must be [.., K, N] (edgecomp stores Gemm weights so: gemm_weights_kn)
             dims = [int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else None for iv in iters]
             if None in dims or dims[-2] % lanes or dims[-1] % 4:
                 return None
             m, n = (dims[-3] if has_i else 1), dims[-2]
-            dot_intrin, pack_kn, pack_nk = _dot_intrinsics(intrin)
+            dot_intrin, pack = _dot_intrinsics(intrin)
 
             inline_side_inputs(sch, infos, main)
             epilogue = Contraction._gather_epilogue(sch, main)
@@ -660,11 +636,7 @@ def _rules():
 
             sch.transform_layout(packed, ("write", 0), IndexMap.from_func(pack_order, ndim=len(b.region)))
             sch.compute_at(packed, j_o, preserve_unit_loops=True)
-            p_outer, p_inner = sch.get_loops(packed)[-2:]  # B's last two axes, in B's order
-            if k_pos < j_pos:  # B[k, j]
-                p_k, p_j = p_outer, p_inner
-            else:
-                p_j, p_k = p_outer, p_inner
+            p_k, p_j = sch.get_loops(packed)[-2:]  # B's last two axes
             pk_o, pk_4 = sch.split(p_k, factors=[None, 4])
             pj_o, pj_l = sch.split(p_j, factors=[None, lanes])
             sch.reorder(pk_o, pj_o, pj_l, pk_4)
@@ -682,7 +654,7 @@ def _rules():
             init = sch.decompose_reduction(main, k_o)
             Contraction._vectorize_tail(sch, init, lanes)
             sch.tensorize(j_l, dot_intrin)
-            sch.tensorize(pj_l, pack_kn if k_pos < j_pos else pack_nk)
+            sch.tensorize(pj_l, pack)
             if i_i is not None:
                 sch.unroll(i_i)
             sch.unroll(j_t)

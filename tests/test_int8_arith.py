@@ -363,7 +363,7 @@ DENSE_SHAPE = (8, 64)
 
 def dense_model() -> onnx.ModelProto:
     """MatMul [64 → 48] + Relu, then Gemm(transB=1) [48 → 32]: shapes the dot-product tiles
-    take (N a multiple of 16, K of 4), with the weight stored [K, N] and [N, K]."""
+    take (N a multiple of 16, K of 4); both weights are stored [K, N] (the Gemm's transposed at import)."""
     rng = np.random.default_rng(SEED + 2)
     init = lambda name, *shape, s=0.2: numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)  # noqa: E731
     n = helper.make_node
@@ -380,7 +380,7 @@ def _int8_kernels(report: dict) -> dict:
 
 @pytest.mark.parametrize("variant", ["s8-sym", "u8-asym"])
 def test_int8_dot_vnni(tmp_path, variant):
-    """On a VNNI target both int8 matmuls (weights [K, N] and [N, K]) are Int8Dot kernels, the code
+    """On a VNNI target both int8 matmuls (MatMul and Gemm) are Int8Dot kernels, the code
     holds vpdpbusd, and (where this CPU has VNNI) the outputs match ORT's int8 model within one
     output step, and the same model compiled without VNNI (int32 lanes) exactly."""
     from edgecomp.targets.cpu_schedules import int8_dot, schedule_report

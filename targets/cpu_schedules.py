@@ -282,6 +282,22 @@ def _rules():
             if block.name_hint not in feeds:
                 sch.compute_inline(info.block_rv)
 
+    def sum_of_products(func):
+        """``(schedule, block infos, the reduction block, its statement)`` of a PrimFunc with exactly
+        one reduction, ``C = C + ...`` into one buffer, every other block injective; None otherwise."""
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [b for b in infos if b.is_reduction()]
+        if len(reductions) != 1 or any(not b.is_injective() for b in infos if b is not reductions[0]):
+            return None
+        main = reductions[0].block_rv
+        stmt = sch.get(main)
+        if len(stmt.writes) != 1 or not isinstance(stmt.body, tirx.BufferStore) or not isinstance(stmt.body.value, tirx.Add):
+            return None
+        return sch, infos, main, stmt
+
     def schedule_injective(sch, block, lanes: int) -> None:
         """All loops fused, split into a vector of up to 4 registers (vectorized when it divides
         the extent), the rest parallel when there is enough work to share. A pad (a bounds test
@@ -341,19 +357,10 @@ def _rules():
         def apply(self, func, target, _tunable):
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
+            found = sum_of_products(func)
+            if found is None or len(found[3].reads) < 2:
                 return None
-            reductions = [b for b in infos if b.is_reduction()]
-            if len(reductions) != 1 or any(not b.is_injective() for b in infos if b is not reductions[0]):
-                return None
-            main = reductions[0].block_rv
-            stmt = sch.get(main)
-            if len(stmt.writes) != 1 or len(stmt.reads) < 2 or not isinstance(stmt.body, tirx.BufferStore):
-                return None
-            if not isinstance(stmt.body.value, tirx.Add):  # C = C + A * B (sum reductions only)
-                return None
+            sch, _, main, stmt = found
             # Integer accumulations (--int8-arith) come here when Int8Dot does not take them (no
             # dot-product instruction, or shapes it does not tile): widening multiply-adds in
             # int32 lanes. MiniLM's 384x1536 int8 kernel on an AVX-512 target without VNNI:
@@ -562,18 +569,10 @@ def _rules():
             if dot is None:
                 return None
             intrin, lanes, a_dtype = dot
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
+            found = sum_of_products(func)
+            if found is None or str(found[3].writes[0].source.dtype) != "int32":
                 return None
-            reductions = [b for b in infos if b.is_reduction()]
-            if len(reductions) != 1 or any(not b.is_injective() for b in infos if b is not reductions[0]):
-                return None
-            main = reductions[0].block_rv
-            stmt = sch.get(main)
-            if (len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "int32"
-                    or not isinstance(stmt.body, tirx.BufferStore) or not isinstance(stmt.body.value, tirx.Add)):
-                return None
+            sch, infos, main, stmt = found
             iters = list(stmt.iter_vars)  # (normalized: no unit iterators, so one row has no i)
             if len(iters) < 2 or any(iv.iter_type != tirx.IterVar.DataPar for iv in iters[:-1]) \
                     or iters[-1].iter_type != tirx.IterVar.CommReduce:

@@ -11,6 +11,10 @@ from edgecomp.api import BuildResult, build, check, inspect_model, run_bundle
 from edgecomp.bundle import Bundle, load_bundle
 from edgecomp.errors import BundleError, DeviceError, EdgecompError, InputError, NumericsError, UnsupportedModelError
 from edgecomp.numerics import Tolerance
+from edgecomp.threads import default_tvm_threads
+
+# TVM sizes its thread pool at the first parallel kernel; its own default is half the cores on x86.
+default_tvm_threads()
 
 __version__ = "0.1.0"
 

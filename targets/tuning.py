@@ -107,11 +107,14 @@ def database_dir(db: str | os.PathLike, target: Target, *, create: bool, remote:
 
 
 def _tuning_target(target: Target, remote: bool) -> dict[str, Any]:
-    """The target dict MetaSchedule tunes for: it needs ``num-cores`` (the host's cores when timed
-    here; 4, a typical phone/board SoC cluster, for remote devices unless the target dict says)."""
+    """The target dict MetaSchedule tunes for: it needs ``num-cores`` (when timed here, the threads
+    TVM's pool runs, ``edgecomp.threads``; 4, a typical phone/board SoC cluster, for remote devices
+    unless the target dict says)."""
+    from edgecomp.threads import default_tvm_threads
+
     spec = target.target_dict()
     if spec.get("kind") == "llvm" and "num-cores" not in spec:
-        spec["num-cores"] = 4 if remote else (os.cpu_count() or 1)
+        spec["num-cores"] = 4 if remote else default_tvm_threads()
     return spec
 
 

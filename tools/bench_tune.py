@@ -12,7 +12,7 @@ model, in one process and one run.
 Per model (batch 1, host target, inputs and reference from the model's eval split):
 
 1. ``ort``: ONNX Runtime on the original model (CPUExecutionProvider, ``ORT_ENABLE_ALL``,
-   ``intra_op_num_threads`` = the machine's cores, ``inter_op_num_threads`` = 1);
+   ``intra_op_num_threads`` = the machine's physical cores, ``inter_op_num_threads`` = 1);
 2. ``plain``: ``compile_relax(rm_plain, host, default_schedules=False)``: TVM's own CPU pipeline
    with no schedules on the import as it is (NCHW convs): what ``tvm.compile`` gives;
 3. ``untuned``: ``compile_relax(rm, host)``, what ``edgecomp build`` compiles without ``--db``:
@@ -36,8 +36,14 @@ Latency per call, one sample: TVM through ``relax.VirtualMachine(ex, tvm.cpu()).
 repeat is the mean of N calls); ONNX Runtime through the same scheme in Python: R blocks of N
 ``session.run`` calls on the same sample, each block timed with ``time.perf_counter``. N is chosen
 per configuration so that a block lasts at least ``--block-ms``, and R (``--repeat``) is cut so
-that the blocks take about 20 s (at least 10 blocks); median and p10–p90 over the R blocks. TVM threads: TVM's default (its thread pool uses all cores; ``TVM_NUM_THREADS`` is
-removed from the environment), the core count MetaSchedule tunes for (``num-cores``).
+that the blocks take about 20 s (at least 10 blocks); median and p10–p90 over the R blocks.
+
+Threads: both runtimes get the same count, the machine's physical cores (``edgecomp.threads.
+physical_cores``): ONNX Runtime ``intra_op_num_threads``, TVM ``TVM_NUM_THREADS`` (set for every
+child process; the count TVM's pool actually runs, ``tvm.runtime.num_threads()``, is recorded per
+row). TVM's own default is half of the logical CPUs on x86 (it assumes hyper-threading): one thread
+on this 2-vCPU VM, which made every TVM row before 2026-11-28 a one-core measurement against a
+two-core ONNX Runtime. MetaSchedule tunes for the same count (``num-cores``).
 
 Each model is measured in a process of its own, and each tuned build is timed in another fresh
 process (a tuning run leaves MetaSchedule's worker process and thread pools behind: MobileNetV2's
@@ -382,7 +388,9 @@ def _model_inputs(name: str, args):
 
 
 def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_root: Path, args) -> dict[str, Any]:
-    threads = os.cpu_count() or 1
+    import tvm
+
+    threads = int(os.environ["TVM_NUM_THREADS"])  # set by main() for ORT and TVM alike
     assets, shapes, feeds = _model_inputs(name, args)
     count = len(feeds)
 
@@ -391,6 +399,7 @@ def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_r
     original_ref = [sess.run(None, f) for f in feeds]
     result["ort"] = {**_time_ort(sess, feeds[0], args.block_ms, args.repeat), "threads": threads,
                      "graph_optimization_level": "ORT_ENABLE_ALL"}
+    result["tvm_threads"] = int(tvm.runtime.num_threads())
     _log(f"[{name}] ORT fp32: {result['ort']['median_ms']:.4f} ms")
     del sess
 
@@ -448,7 +457,8 @@ def _report(doc: dict[str, Any]) -> str:
         "process, which first runs one compile and a 1-trial tuning run of digits-cnn into a throwaway database: the "
         "process's one-time TVM/MetaSchedule start-up, not charged to any row).",
         f"Threads: ONNX Runtime `intra_op_num_threads={doc['ort_threads']}` (`ORT_ENABLE_ALL`, CPUExecutionProvider); "
-        f"TVM its default thread pool ({doc['tvm_threads']}), the `num-cores` MetaSchedule tunes for.",
+        f"TVM `TVM_NUM_THREADS={doc['tvm_threads']}` (pool sizes measured per model: "
+        f"{', '.join(str(r.get('tvm_threads', '?')) for r in doc['results'])}), the `num-cores` MetaSchedule tunes for.",
         "Latency per call, batch 1, one eval sample: median (p10–p90) over `repeat` blocks of `number` calls "
         "(TVM: `VirtualMachine.time_evaluator(\"main\")`; ORT: `session.run` in a `perf_counter`-timed loop, same scheme). "
         f"Tuning: `edgecomp.targets.tuning.tune`, candidates {_runners(doc)}; a fresh database per row; trials = run / budget. "
@@ -579,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tuned-child", nargs=3, metavar=("LABEL", "DB", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-    tvm_threads_env = os.environ.pop("TVM_NUM_THREADS", None)  # TVM's default: all cores
+    from edgecomp.threads import physical_cores
+
+    threads = physical_cores()
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM's own default would be half the cores on x86
     from edgecomp.bench.report import write_atomic
     from edgecomp.bench.runner import _machine
 
@@ -593,10 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         label, db, dest = args.tuned_child
         name, lowrank, int8 = _variant_of(label, args)
         assets, shapes, feeds = _model_inputs(name, args)
-        case, _ = _case(label, assets, shapes, lowrank, feeds, os.cpu_count() or 1, int8)
+        case, _ = _case(label, assets, shapes, lowrank, feeds, threads, int8)
         original_ref = None
         if lowrank or int8:
-            sess = _ort_session(assets.onnx, os.cpu_count() or 1)
+            sess = _ort_session(assets.onnx, threads)
             original_ref = [sess.run(None, f) for f in feeds]
         Path(dest).write_text(json.dumps(_measure_tuned(case, Path(db), args, original_ref)))
         return 0
@@ -628,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": _machine(),
             "complete": complete,
             "wall_s": round(time.perf_counter() - t_start, 1),
-            "ort_threads": os.cpu_count() or 1,
-            "tvm_threads": "default: all cores" + (f"; TVM_NUM_THREADS={tvm_threads_env} was unset" if tvm_threads_env else ""),
+            "ort_threads": threads,
+            "tvm_threads": threads,
             "check_samples": args.check_samples,
             "warm_up_s": None if warm_up is None else round(warm_up, 1),
             "trials": {m: trials.get(m, 64) for m in models},

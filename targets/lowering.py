@@ -462,8 +462,9 @@ def prepare_module(relax_model: RelaxModel, target: Target, int8_arith: bool | N
     a libm call per element (MiniLM's GELU: 7 ms of a 9 ms matmul kernel here without it).
 
     ``int8_arith=True`` rewrites QDQ dequantize → matmul/conv2d sites into int8×int8 → int32
-    arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms folded
-    for ``relax_model.params``, so the code is tied to those weights). GPU targets get C-safe
+    arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms and scale
+    products folded for ``relax_model.params``, so the code is tied to those weights), then shortens
+    the requantize epilogues (:func:`edgecomp.targets.int8.fold_epilogues`). GPU targets get C-safe
     parameter names (their kernel source is C).
     """
     mod = relax_model.mod
@@ -473,12 +474,13 @@ def prepare_module(relax_model: RelaxModel, target: Target, int8_arith: bool | N
         mod = relax.transform.FastMathTransform()(mod)
     if int8_arith:
         from edgecomp.targets.cpu_schedules import int8_dot
-        from edgecomp.targets.int8 import rewrite_int8
+        from edgecomp.targets.int8 import fold_epilogues, rewrite_int8
 
         dot = int8_dot(target.tvm()) if target.default_pipeline == "cpu" else None
-        mod, stats = rewrite_int8(mod, dict(zip(relax_model.param_names, relax_model.params)), fold_weight_terms=True,
-                                  unsigned_activations=dot is not None and dot[2] == "uint8")
+        params = dict(zip(relax_model.param_names, relax_model.params))
+        mod, stats = rewrite_int8(mod, params, fold_weight_terms=True, unsigned_activations=dot is not None and dot[2] == "uint8")
         log.info("int8 arithmetic: %d of %d dequantize→matmul/conv2d sites rewritten", stats.rewritten, stats.matched)
+        mod = fold_epilogues(mod, params)
     if target.device_kind.kernel_file is not None:
         from edgecomp.targets.kernels import safe_param_names
 

@@ -36,6 +36,11 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+# Marks a TVM_NUM_THREADS that default_tvm_threads set (child processes inherit both), so that
+# user_tvm_threads can tell it from the user's own.
+_MARK = "EDGECOMP_DEFAULT_TVM_THREADS"
+
+
 def default_tvm_threads() -> int:
     """Set ``TVM_NUM_THREADS`` to :func:`physical_cores` unless it or ``OMP_NUM_THREADS`` is
     set; returns the thread count TVM's pool will use (it reads the variable when first used)."""
@@ -44,5 +49,13 @@ def default_tvm_threads() -> int:
         if value.isdigit() and int(value) > 0:
             return int(value)
     n = physical_cores()
-    os.environ["TVM_NUM_THREADS"] = str(n)
+    os.environ["TVM_NUM_THREADS"] = os.environ[_MARK] = str(n)
     return n
+
+
+def user_tvm_threads() -> str | None:
+    """``TVM_NUM_THREADS`` as the user set it; None when unset or set by :func:`default_tvm_threads`.
+    Emulated devices (qemu-user) run one thread unless the user asks for more: there the default
+    schedules' parallel loops on TVM's thread pool did not finish in 300 s."""
+    value = os.environ.get("TVM_NUM_THREADS")
+    return None if value is None or os.environ.get(_MARK) == value else value

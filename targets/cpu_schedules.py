@@ -93,7 +93,11 @@ def int8_dot(target: Any) -> tuple[str, int, str] | None:
 
 
 _DOT_LLVM = {"dot_16x4_vnni": (16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
+             "dot_8x4_vnni": (8, "uint8", "llvm.x86.avx512.vpdpbusd.256"),
              "dot_4x4_i8i8s32_sdot": (4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")}
+# A narrower form of the same instruction, for N a multiple of its lanes only (AVX-512 VL: the
+# 256-bit vpdpbusd): MobileNetV2's 24-channel 1x1 convs, its 1000-class classifier.
+_DOT_NARROW = {"dot_16x4_vnni": ("dot_8x4_vnni", "avx512vl")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -558,9 +562,10 @@ def _rules():
         ``[N/lanes, K/4, lanes, 4]``: each parallel task packs its panel of B into that order
         (one shuffle per 4 x lanes block, computed once per panel) and then runs every row tile
         against it. The register tile is ``rows x vectors`` int32 accumulators as in
-        :class:`Contraction`; the epilogue runs on each finished tile. Kernels whose shapes do
-        not fit (N not a multiple of the lanes, K not of 4, A not the instruction's dtype, B not
-        [.., K, N]) are left to the next rule."""
+        :class:`Contraction`; the epilogue runs on each finished tile. N not a multiple of the
+        lanes takes the instruction's narrower form where there is one (VNNI: 8 lanes with
+        AVX-512 VL). Kernels whose shapes do not fit (N not a multiple of the lanes, K not of 4,
+        A not the instruction's dtype, B not [.., K, N]) are left to the next rule."""
 
         def apply(self, func, target, _tunable):
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -601,6 +606,10 @@ def _rules():
                     or (k_pos, j_pos) != (len(b.region) - 2, len(b.region) - 1):
                 return None  # B must be [.., K, N] (edgecomp stores Gemm weights so: gemm_weights_kn)
             dims = [int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else None for iv in iters]
+            if None not in dims and dims[-2] % lanes and intrin in _DOT_NARROW \
+                    and _has_feature(target, _DOT_NARROW[intrin][1]):
+                intrin = _DOT_NARROW[intrin][0]
+                lanes = _DOT_LLVM[intrin][0]
             if None in dims or dims[-2] % lanes or dims[-1] % 4:
                 return None
             m, n = (dims[-3] if has_i else 1), dims[-2]

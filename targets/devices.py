@@ -40,6 +40,7 @@ from typing import Any, Iterator
 
 from edgecomp.errors import DeviceError, InputError
 from edgecomp.targets.base import host_arch
+from edgecomp.threads import user_tvm_threads
 
 __all__ = [
     "Device",
@@ -624,7 +625,7 @@ class EmuArm64Device(RPCDevice):
             "EDGECOMP_QEMU_CPU": cpu,
         }
         # One TVM thread unless asked otherwise: threads under qemu only add noise (p90 2x the median).
-        env["TVM_NUM_THREADS"] = os.environ.get("TVM_NUM_THREADS", "1")
+        env["TVM_NUM_THREADS"] = user_tvm_threads() or "1"
         # The device's own temp folder (uploaded code, session folders, the server log): removed by stop().
         self._tmp = Path(tempfile.mkdtemp(prefix="edgecomp-emu-arm64-"))
         env["TMPDIR"] = str(self._tmp)

@@ -39,6 +39,7 @@ import numpy as np
 
 from edgecomp.errors import InputError, UnsupportedModelError
 from edgecomp.targets.base import Target, host_arch
+from edgecomp.threads import user_tvm_threads
 
 __all__ = [
     "FirmwareResult", "emit_firmware", "c_name", "weights_blob", "runtime_site", "toolchain", "FIRMWARE_DIR",
@@ -440,7 +441,7 @@ def run_example(exe: Path, arch: str, inputs: bytes, weights: Path | None, timeo
         if prefix:  # emulated (qemu-user): one TVM thread, as the emulated device runs. Measured: the
             # parallel loops of the default schedules, on TVM's thread pool, did not finish in 300 s
             # under qemu-aarch64 (digits; natively they run in microseconds).
-            env["TVM_NUM_THREADS"] = os.environ.get("TVM_NUM_THREADS", "1")
+            env["TVM_NUM_THREADS"] = user_tvm_threads() or "1"
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             msg = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]

@@ -427,6 +427,7 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
 
     # the written-out quantize: astype(maximum(minimum(add(round(divide(x, s)), z), hi), lo))
     w = {k: wildcard() for k in ("x", "y", "s", "z", "hi", "lo", "a", "b", "d")}
+
     def quantize_of(x):
         rounded = is_op("relax.round")(is_op("relax.divide")(x, w["s"]))
         return is_op("relax.astype")(is_op("relax.maximum")(is_op("relax.minimum")(
@@ -439,10 +440,12 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
             s, z, hi, lo = (const(m[w[k]]) for k in ("s", "z", "hi", "lo"))
             a = const(m[w["a"]]) if "a" in kind else np.float32(-np.inf)
             b = const(m[w["b"]]) if "b" in kind else np.float32(np.inf)
-            if any(v is None or v.dtype != np.float32 for v in (s, z, hi, lo, a, b)) or not s > 0:
+            if any(v is None or v.dtype != np.float32 for v in (s, z, hi, lo, a, b)) or not s > 0 or not a <= b:
                 return orig
             step = lambda v: np.rint(np.float32(v) / s.reshape(())) + z.reshape(())  # noqa: E731
             new_hi, new_lo = min(float(hi), float(step(b))), max(float(lo), float(step(a)))
+            if new_lo > new_hi:  # a constant output (the clamp range quantizes outside [lo, hi]): leave it
+                return orig
             y = m[w["y"]]
             v = R.add(R.round(R.divide(y, m[w["s"]])), m[w["z"]])
             return R.astype(R.maximum(R.minimum(v, f32(new_hi)), f32(new_lo)), _dtype(orig))

@@ -367,14 +367,14 @@ def test_activation_times_activation_batched_matmul():
 DENSE_SHAPE = (8, 64)
 
 
-def dense_model() -> onnx.ModelProto:
-    """MatMul [64 → 48] + Relu, then Gemm(transB=1) [48 → 32]: shapes the dot-product tiles
-    take (N a multiple of 16, K of 4); both weights are stored [K, N] (the Gemm's transposed at import)."""
+def dense_model(n1: int = 48, n2: int = 32) -> onnx.ModelProto:
+    """MatMul [64 → n1] + Relu, then Gemm(transB=1) [n1 → n2]: shapes the dot-product tiles
+    take (N a multiple of the lanes, K of 4); both weights are stored [K, N] (the Gemm's transposed at import)."""
     rng = np.random.default_rng(SEED + 2)
     init = lambda name, *shape, s=0.2: numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)  # noqa: E731
     n = helper.make_node
     nodes = [n("MatMul", ["x", "W1"], ["h"]), n("Relu", ["h"], ["r"]), n("Gemm", ["r", "W2", "b2"], ["y"], transB=1)]
-    return _model(nodes, DENSE_SHAPE, (DENSE_SHAPE[0], 32), [init("W1", 64, 48), init("W2", 32, 48), init("b2", 32, s=0.1)])
+    return _model(nodes, DENSE_SHAPE, (DENSE_SHAPE[0], n2), [init("W1", 64, n1), init("W2", n2, n1), init("b2", n2, s=0.1)])
 
 
 VNNI_TARGET = {"kind": "llvm", "mcpu": "cascadelake"}  # AVX-512 VNNI
@@ -384,15 +384,16 @@ def _int8_kernels(report: dict) -> dict:
     return {k: v for k, v in report.items() if "matmul" in k}
 
 
-@pytest.mark.parametrize("variant", ["s8-sym", "u8-asym"])
-def test_int8_dot_vnni(tmp_path, variant):
+@pytest.mark.parametrize("variant,widths", [("s8-sym", (48, 32)), ("u8-asym", (48, 32)), ("u8-asym", (24, 40))])
+def test_int8_dot_vnni(tmp_path, variant, widths):
     """On a VNNI target both int8 matmuls (MatMul and Gemm) are Int8Dot kernels, the code
-    holds vpdpbusd, and (where this CPU has VNNI) the outputs match ORT's int8 model within one
-    output step, and the same model compiled without VNNI (int32 lanes) exactly."""
+    holds vpdpbusd (its 256-bit form for N = 24 and 40, multiples of 8 but not of 16), and (where
+    this CPU has VNNI) the outputs match ORT's int8 model within one output step, and the same
+    model compiled without VNNI (int32 lanes) exactly."""
     from edgecomp.targets.cpu_schedules import int8_dot, schedule_report
     from edgecomp.targets.lowering import cpu_pipeline, prepare_module
 
-    qmodel = _quantize(dense_model(), DENSE_SHAPE, variant, tmp_path)
+    qmodel = _quantize(dense_model(*widths), DENSE_SHAPE, variant, tmp_path)
     rm = to_relax(qmodel, {"x": DENSE_SHAPE}, {"x": "float32"})
     tvm_vnni = tvm.target.Target(VNNI_TARGET)
     assert int8_dot(tvm_vnni) == ("dot_16x4_vnni", 16, "uint8")
@@ -401,6 +402,9 @@ def test_int8_dot_vnni(tmp_path, variant):
     assert len(report) == 2 and set(report.values()) == {"Int8Dot"}, report
     asm = _asm(tvm.compile(mod, target=tvm_vnni, relax_pipeline=cpu_pipeline(tvm_vnni)))
     assert re.search(r"^\s*vpdpbusd\s", asm, re.M)
+    narrow = any(w % 16 for w in widths)
+    assert bool(re.search(r"^\s*vpdpbusd\s.*%ymm", asm, re.M)) == narrow
+    assert bool(re.search(r"^\s*vpdpbusd\s.*%zmm", asm, re.M)) != narrow
     if int8_dot(HOST.tvm()) != int8_dot(tvm_vnni):
         pytest.skip("this CPU has no AVX-512 VNNI: compiled, not run")
     # what the build compiles (kernel names differ: fold_epilogues folded the bias dequantize)

@@ -585,3 +585,40 @@ def test_fold_epilogues_is_exact(tmp_path, variant, unsigned):
     got = _run_tvm(_compile(folded), rm, xs)
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)
+
+
+@pytest.mark.parametrize("a,b,s,z", [
+    (0.0, 6.0, 0.05, -128.0),   # ReLU6 into an int8 requantize: folds
+    (3.0, 1.0, 0.05, 0.0),      # an empty clamp (a > b): every output is b, left alone
+    (2.0, 6.0, 0.01, 0.0),      # round(a/s)+z = 200 > 127: the clamp range quantizes outside int8, left alone
+])
+def test_fold_epilogues_clamp_edge_cases(a, b, s, z):
+    """The clamp fold on hand-written requantizes (minimum(maximum(y, a), b) then the written-out
+    quantize), at inputs on and around every rounding tie: the same int8 values as unfolded."""
+    from tvm import relax
+
+    from edgecomp.targets.int8 import fold_epilogues
+
+    R = relax.op
+    f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731
+    bb = relax.BlockBuilder()
+    y = relax.Var("y", relax.TensorType((4096,), "float32"))
+    with bb.function("main", [y]):
+        with bb.dataflow():
+            c = bb.emit(R.minimum(bb.emit(R.maximum(y, f32(a))), f32(b)))
+            r = bb.emit(R.add(bb.emit(R.round(bb.emit(R.divide(c, f32(s))))), f32(z)))
+            q = bb.emit_output(R.astype(bb.emit(R.maximum(bb.emit(R.minimum(r, f32(127))), f32(-128))), "int8"))
+        bb.emit_func_output(q)
+    mod = bb.get()
+    folded = fold_epilogues(mod, {})
+    def minimums(m) -> int:
+        found = []
+        relax.analysis.post_order_visit(m["main"].body, lambda e: found.append(
+            isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.minimum"))
+        return sum(found)
+
+    folds = a <= b and np.rint(np.float32(a) / np.float32(s)) + z <= 127
+    assert (minimums(mod), minimums(folded)) == (2, 1 if folds else 2)
+    xs = (np.arange(4096, dtype=np.float32) - 2048) * np.float32(s / 4)  # every quarter step: ties included
+    run = lambda m: tvm.relax.VirtualMachine(_compile(m), tvm.cpu())["main"](tvm.runtime.tensor(xs)).numpy()  # noqa: E731
+    np.testing.assert_array_equal(run(folded), run(mod))

@@ -457,8 +457,10 @@ def _report(doc: dict[str, Any]) -> str:
         "process, which first runs one compile and a 1-trial tuning run of digits-cnn into a throwaway database: the "
         "process's one-time TVM/MetaSchedule start-up, not charged to any row).",
         f"Threads: ONNX Runtime `intra_op_num_threads={doc['ort_threads']}` (`ORT_ENABLE_ALL`, CPUExecutionProvider); "
-        f"TVM `TVM_NUM_THREADS={doc['tvm_threads']}` (pool sizes measured per model: "
-        f"{', '.join(str(r.get('tvm_threads', '?')) for r in doc['results'])}), the `num-cores` MetaSchedule tunes for.",
+        + (f"TVM `TVM_NUM_THREADS={doc['tvm_threads']}` (pool sizes measured per model: "
+           f"{', '.join(str(r.get('tvm_threads', '?')) for r in doc['results'])}), the `num-cores` MetaSchedule tunes for."
+           if isinstance(doc.get("tvm_threads"), int) else  # runs before 2026-11-28 (TVM's x86 default: half the CPUs)
+           f"TVM its default thread pool (recorded as \"{doc.get('tvm_threads')}\"; one thread on a 2-vCPU x86 VM)."),
         "Latency per call, batch 1, one eval sample: median (p10–p90) over `repeat` blocks of `number` calls "
         "(TVM: `VirtualMachine.time_evaluator(\"main\")`; ORT: `session.run` in a `perf_counter`-timed loop, same scheme). "
         f"Tuning: `edgecomp.targets.tuning.tune`, candidates {_runners(doc)}; a fresh database per row; trials = run / budget. "

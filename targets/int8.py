@@ -267,13 +267,16 @@ class _Rewriter:
         if pats["xperm"] in m:  # transpose the 8-bit input instead of the dequantized one
             x8 = R.permute_dims(x8, [int(a) for a in m[pats["xperm"]].attrs.axes])
         w8, zw8 = _to_int8(w_q, zw)
-        if top or left or bottom or right:
-            # Pad with the zero point: padded positions then contribute x - zx = 0, as in fp32.
+        # Pad with the zero point: padded positions then contribute x - zx = 0, as in fp32. A zero
+        # point of 0 (a ReLU's output in the uint8 domain) is the conv's own zero padding, which
+        # stays in its kernel; another value is a pad of its own (MobileNetV2: 7 pad kernels, 0.15 ms).
+        padding = [top, left, bottom, right] if zx8 == 0 else [0, 0, 0, 0]
+        if (top or left or bottom or right) and zx8 != 0:
             hw = [top, bottom, left, right]
             x8 = R.nn.pad(x8, [0, 0, *hw, 0, 0] if nhwc else [0, 0, 0, 0, *hw], pad_value=float(zx8))
 
         def conv(data, weight, g):
-            return R.nn.conv2d(data, weight, strides=strides, padding=0, dilation=dilation, groups=g, out_dtype="int32",
+            return R.nn.conv2d(data, weight, strides=strides, padding=padding, dilation=dilation, groups=g, out_dtype="int32",
                                data_layout=layouts[0], kernel_layout=layouts[1], out_layout=layouts[2])
 
         acc = conv(x8, w8, groups)
@@ -405,9 +408,10 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
     - a ReLU/ReLU6 clamp ahead of the quantize goes into its integer clamp: for a scale ``s > 0``
       ``round(clamp(y, a, b) / s) + z`` = ``clamp(round(y / s) + z, round(a / s) + z, round(b / s) + z)``
       (division by ``s > 0`` and rounding never reorder values);
-    - a quantized tensor used only by a domain shift (``q + 128`` to uint8, ``q - 128`` to int8)
-      is quantized in the shifted domain directly: ``clip(v, lo, hi) + d`` = ``clip(v + d, lo + d,
-      hi + d)`` when both ranges fit their dtypes;
+    - a quantized tensor read by a domain shift (``q + 128`` to uint8, ``q - 128`` to int8) is
+      quantized in the shifted domain directly: ``clip(v, lo, hi) + d`` = ``clip(v + d, lo + d,
+      hi + d)`` when both ranges fit their dtypes; its other readers must be written-out
+      dequantizes (a residual add's), which take the zero point ``z + d`` (``flips_of``);
     - the dequantize of a parameter with known values (an int32 bias, scale ``sx·sw``) becomes a
       constant (``FoldConstant`` then folds its reshape/transpose: 13 kernels of their own in
       MobileNetV2's int8 graph).
@@ -459,24 +463,85 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
 
     widened = is_op("relax.astype")(quantize)
     shifts = {sign: is_op("relax.astype")(is_op(op)(widened, w["d"])) for sign, op in ((1, "relax.add"), (-1, "relax.subtract"))}
+    dequantized = is_op("relax.subtract")(widened, w["d"])  # a written-out dequantize's int32(q) - z
 
-    def fold_shift(uses, value_var, sign):
+    def shifted_quantize(m, d: int, out: str):
+        """The quantize of ``m`` in the domain shifted by ``d`` (dtype ``out``); None if its range does not fit."""
+        hi, lo, z = const(m[w["hi"]]), const(m[w["lo"]]), const(m[w["z"]])
+        info = np.iinfo(out)
+        if hi is None or lo is None or z is None or float(lo) + d < info.min or float(hi) + d > info.max:
+            return None
+        v = R.add(R.round(R.divide(m[w["x"]], m[w["s"]])), relax.const(np.float32(z.reshape(()) + d)))
+        return R.astype(R.maximum(R.minimum(v, f32(float(hi) + d)), f32(float(lo) + d)), out)
+
+    def flips_of(func) -> dict:
+        """Quantized tensors to produce in the shifted domain: ``var -> (d, dtype)`` for each one
+        that a domain shift reads and whose every reader is such a shift (the same one) or a
+        written-out dequantize (``int32(q) - z``, which takes ``z + d`` instead). One tensor read
+        by a shift and by a residual's dequantize so costs no kernel of its own (MobileNetV2: 5)."""
+        value_of, users = {}, {}
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                value_of[binding.var] = binding.value
+                for v in relax.analysis.free_vars(binding.value):
+                    users.setdefault(v, []).append(binding.var)
+        for v in relax.analysis.free_vars(func.body.body):
+            users.setdefault(v, []).append(None)
+
+        def op(var, name: str, dtype: str | None = None):
+            value = value_of.get(var)
+            return (isinstance(value, relax.Call) and getattr(value.op, "name", "") == name
+                    and (dtype is None or _dtype(value) == dtype))
+
+        def only_user(var):
+            us = users.get(var, [])
+            return us[0] if len(us) == 1 else None
+
+        flips = {}
+        for q, value in value_of.items():
+            if not op(q, "relax.astype") or _dtype(value) not in _INT8 or not users.get(q):
+                continue
+            kinds = set()
+            for u in users[q]:
+                nxt = only_user(u) if u is not None else None
+                if op(u, "relax.astype", "int16") and nxt is not None and (op(nxt, "relax.add") or op(nxt, "relax.subtract")):
+                    d, last = const(value_of[nxt].args[1]), only_user(nxt)
+                    if d is None or last is None or not op(last, "relax.astype") or _dtype(value_of[last]) not in _INT8:
+                        break
+                    kinds.add(((1 if op(nxt, "relax.add") else -1) * int(d.reshape(())), _dtype(value_of[last])))
+                elif op(u, "relax.astype", "int32") and nxt is not None and op(nxt, "relax.subtract") \
+                        and const(value_of[nxt].args[1]) is not None:
+                    kinds.add("dequantize")
+                else:
+                    break
+            else:
+                shift = [k for k in kinds if k != "dequantize"]
+                if len(shift) == 1:
+                    flips[q] = shift[0]
+        return flips
+
+    def var_of(expr, value_var):
+        return expr if isinstance(expr, relax.Var) else value_var.get(expr)
+
+    def fold_shift(flips, value_var):
         def rewrite(orig, m):
-            q = m[quantize]
-            var = q if isinstance(q, relax.Var) else value_var.get(q)
-            d, hi, lo = const(m[w["d"]]), const(m[w["hi"]]), const(m[w["lo"]])
-            if var is None or uses.get(var, 0) != 1 or d is None or hi is None or lo is None:
-                return orig  # another user reads the quantized tensor: keep one epilogue
-            out = _dtype(orig)
-            if out not in _INT8 or _dtype(m[widened]) != "int16" or _dtype(m[quantize]) not in _INT8:
-                return orig  # not _to_int8/_to_uint8's shift (e.g. a written-out dequantize)
-            d = sign * int(d.reshape(()))
-            info = np.iinfo(out)
-            new_lo, new_hi = float(lo) + d, float(hi) + d
-            if new_lo < info.min or new_hi > info.max:
+            d_dtype = flips.get(var_of(m[quantize], value_var))
+            if d_dtype is None or _dtype(m[widened]) != "int16" or d_dtype[1] != _dtype(orig):
+                return orig  # another reader needs the quantized tensor as it is: keep it
+            new = shifted_quantize(m, *d_dtype)
+            return orig if new is None else new
+        return rewrite
+
+    def fold_dequantized(flips, value_var):
+        def rewrite(orig, m):
+            d_dtype = flips.get(var_of(m[quantize], value_var))
+            z = const(m[w["d"]])
+            if d_dtype is None or _dtype(m[widened]) != "int32" or z is None:
                 return orig
-            v = R.add(R.round(R.divide(m[w["x"]], m[w["s"]])), relax.const(np.float32(const(m[w["z"]]).reshape(()) + d)))
-            return R.astype(R.maximum(R.minimum(v, f32(new_hi)), f32(new_lo)), out)
+            new = shifted_quantize(m, *d_dtype)
+            if new is None:
+                return orig
+            return R.subtract(R.astype(new, "int32"), relax.const(np.int32(int(z.reshape(())) + d_dtype[0])))
         return rewrite
 
     dq = is_op("relax.dequantize")(w["x"], w["s"], w["z"])
@@ -493,17 +558,8 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
         value = (q.astype(np.int32) - z.astype(np.int32).reshape(shape)).astype(np.float32) * s.reshape(shape)
         return relax.const(value.astype(np.float32), "float32")
 
-    def uses_of(func):
-        uses: dict = {}
-        value_var: dict = {}
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                value_var[binding.value] = binding.var
-                for v in relax.analysis.free_vars(binding.value):
-                    uses[v] = uses.get(v, 0) + 1
-        for v in relax.analysis.free_vars(func.body.body):
-            uses[v] = uses.get(v, 0) + 1
-        return uses, value_var
+    def value_vars(func) -> dict:
+        return {binding.value: binding.var for block in func.body.blocks for binding in block.bindings}
 
     out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
     for gv, func in mod.functions.items():
@@ -513,8 +569,13 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
         for kind, relu in relus.items():
             new = rewrite_call(quantize_of(relu), fold_clamp(kind), new)
         new = relax.analysis.remove_all_unused(new)
-        for sign, shift in shifts.items():
-            new = rewrite_call(shift, fold_shift(*uses_of(new), sign), new)
+        flips, value_var = flips_of(new), value_vars(new)
+        if flips:
+            for shift in shifts.values():
+                new = rewrite_call(shift, fold_shift(flips, value_var), new)
+            new = rewrite_call(dequantized, fold_dequantized(flips, value_var), new)
+            # each reader got its own copy of the shifted quantize: one binding, one kernel
+            new = relax.transform.EliminateCommonSubexpr()(tvm.IRModule({"main": new}))["main"]
         if not new.same_as(func):
             out[gv] = relax.analysis.remove_all_unused(new)
     return out

@@ -110,6 +110,16 @@ def _const_value(expr, params: Mapping[str, np.ndarray] | None) -> np.ndarray | 
     return None
 
 
+def written_quantize(x, s, z, hi: float, lo: float, out: str):
+    """``quantize`` written out elementwise, with TVM's own formula (its legalization of the op):
+    ``astype(clip(round(x / s) + z, lo, hi), out)``; ``s``/``z`` Relax expressions, ``z`` float32."""
+    from tvm import relax
+
+    R = relax.op
+    f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731
+    return R.astype(R.maximum(R.minimum(R.add(R.round(R.divide(x, s)), z), f32(hi)), f32(lo)), out)
+
+
 def _to_int8(q, zp: Any):
     """(int8 tensor, int8-domain zero point) for an int8/uint8 tensor; uint8 shifts by -128."""
     from tvm import relax
@@ -426,9 +436,6 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
         value = _const_value(expr, None)
         return value if value is not None and value.size == 1 else None
 
-    def f32(v: float):
-        return relax.const(np.float32(v), "float32")
-
     # the written-out quantize: astype(maximum(minimum(add(round(divide(x, s)), z), hi), lo))
     w = {k: wildcard() for k in ("x", "y", "s", "z", "hi", "lo", "a", "b", "d")}
 
@@ -450,9 +457,7 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
             new_hi, new_lo = min(float(hi), float(step(b))), max(float(lo), float(step(a)))
             if new_lo > new_hi:  # a constant output (the clamp range quantizes outside [lo, hi]): leave it
                 return orig
-            y = m[w["y"]]
-            v = R.add(R.round(R.divide(y, m[w["s"]])), m[w["z"]])
-            return R.astype(R.maximum(R.minimum(v, f32(new_hi)), f32(new_lo)), _dtype(orig))
+            return written_quantize(m[w["y"]], m[w["s"]], m[w["z"]], new_hi, new_lo, _dtype(orig))
         return rewrite
 
     relus = {
@@ -462,7 +467,7 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
     }
 
     widened = is_op("relax.astype")(quantize)
-    shifts = {sign: is_op("relax.astype")(is_op(op)(widened, w["d"])) for sign, op in ((1, "relax.add"), (-1, "relax.subtract"))}
+    shifts = [is_op("relax.astype")(is_op(op)(widened, w["d"])) for op in ("relax.add", "relax.subtract")]
     dequantized = is_op("relax.subtract")(widened, w["d"])  # a written-out dequantize's int32(q) - z
 
     def shifted_quantize(m, d: int, out: str):
@@ -471,8 +476,8 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
         info = np.iinfo(out)
         if hi is None or lo is None or z is None or float(lo) + d < info.min or float(hi) + d > info.max:
             return None
-        v = R.add(R.round(R.divide(m[w["x"]], m[w["s"]])), relax.const(np.float32(z.reshape(()) + d)))
-        return R.astype(R.maximum(R.minimum(v, f32(float(hi) + d)), f32(float(lo) + d)), out)
+        return written_quantize(m[w["x"]], m[w["s"]], relax.const(np.float32(z.reshape(()) + d)),
+                                float(hi) + d, float(lo) + d, out)
 
     def flips_of(func) -> dict:
         """Quantized tensors to produce in the shifted domain: ``var -> (d, dtype)`` for each one
@@ -497,7 +502,7 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
             us = users.get(var, [])
             return us[0] if len(us) == 1 else None
 
-        flips = {}
+        flips = {}  # keyed by the var and by its value (a pattern match yields either)
         for q, value in value_of.items():
             if not op(q, "relax.astype") or _dtype(value) not in _INT8 or not users.get(q):
                 continue
@@ -517,24 +522,21 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
             else:
                 shift = [k for k in kinds if k != "dequantize"]
                 if len(shift) == 1:
-                    flips[q] = shift[0]
+                    flips[q] = flips[value] = shift[0]
         return flips
 
-    def var_of(expr, value_var):
-        return expr if isinstance(expr, relax.Var) else value_var.get(expr)
-
-    def fold_shift(flips, value_var):
+    def fold_shift(flips):
         def rewrite(orig, m):
-            d_dtype = flips.get(var_of(m[quantize], value_var))
+            d_dtype = flips.get(m[quantize])
             if d_dtype is None or _dtype(m[widened]) != "int16" or d_dtype[1] != _dtype(orig):
                 return orig  # another reader needs the quantized tensor as it is: keep it
             new = shifted_quantize(m, *d_dtype)
             return orig if new is None else new
         return rewrite
 
-    def fold_dequantized(flips, value_var):
+    def fold_dequantized(flips):
         def rewrite(orig, m):
-            d_dtype = flips.get(var_of(m[quantize], value_var))
+            d_dtype = flips.get(m[quantize])
             z = const(m[w["d"]])
             if d_dtype is None or _dtype(m[widened]) != "int32" or z is None:
                 return orig
@@ -555,11 +557,8 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
         shape = [1] * q.ndim
         if s.size > 1 or z.size > 1:
             shape[int(orig.attrs.axis) % q.ndim] = -1
-        value = (q.astype(np.int32) - z.astype(np.int32).reshape(shape)).astype(np.float32) * s.reshape(shape)
+        value = (q - z.astype(np.int32).reshape(shape)).astype(np.float32) * s.reshape(shape)
         return relax.const(value.astype(np.float32), "float32")
-
-    def value_vars(func) -> dict:
-        return {binding.value: binding.var for block in func.body.blocks for binding in block.bindings}
 
     out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
     for gv, func in mod.functions.items():
@@ -569,11 +568,11 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
         for kind, relu in relus.items():
             new = rewrite_call(quantize_of(relu), fold_clamp(kind), new)
         new = relax.analysis.remove_all_unused(new)
-        flips, value_var = flips_of(new), value_vars(new)
+        flips = flips_of(new)
         if flips:
-            for shift in shifts.values():
-                new = rewrite_call(shift, fold_shift(flips, value_var), new)
-            new = rewrite_call(dequantized, fold_dequantized(flips, value_var), new)
+            for shift in shifts:
+                new = rewrite_call(shift, fold_shift(flips), new)
+            new = rewrite_call(dequantized, fold_dequantized(flips), new)
             # each reader got its own copy of the shifted quantize: one binding, one kernel
             new = relax.transform.EliminateCommonSubexpr()(tvm.IRModule({"main": new}))["main"]
         if not new.same_as(func):

@@ -274,6 +274,8 @@ def decompose_qdq(mod):
     import tvm
     from tvm import relax
 
+    from edgecomp.targets.int8 import written_quantize
+
     R = relax.op
 
     def scalar(expr) -> np.ndarray | None:
@@ -297,11 +299,10 @@ def decompose_qdq(mod):
             if s is None or z is None or (name == "relax.dequantize" and (out != "float32" or x in self.params
                                                                           or isinstance(x, tvm.ir.expr.GenericConst))):
                 return call
-            f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731
             if name == "relax.quantize":
                 info = np.iinfo(out)
-                v = R.add(R.round(R.divide(x, relax.const(s, str(s.dtype)))), f32(z))
-                return self.builder_.normalize(R.astype(R.maximum(R.minimum(v, f32(info.max)), f32(info.min)), out))
+                return self.builder_.normalize(written_quantize(
+                    x, relax.const(s, str(s.dtype)), relax.const(np.float32(z), "float32"), info.max, info.min, out))
             v = R.astype(R.subtract(R.astype(x, "int32"), relax.const(np.int32(z), "int32")), "float32")
             return self.builder_.normalize(R.multiply(v, relax.const(np.float32(s), "float32")))
 

@@ -48,7 +48,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["SiteStats", "Int8Stats", "rewrite_int8", "fold_epilogues", "count_int_ops"]
+__all__ = ["SiteStats", "Int8Stats", "rewrite_int8", "fold_epilogues", "reciprocal_scales", "count_int_ops"]
 
 _INT8 = ("int8", "uint8")
 
@@ -110,14 +110,19 @@ def _const_value(expr, params: Mapping[str, np.ndarray] | None) -> np.ndarray | 
     return None
 
 
-def written_quantize(x, s, z, hi: float, lo: float, out: str):
+def written_quantize(x, s, z, hi: float, lo: float, out: str, reciprocal: bool = False):
     """``quantize`` written out elementwise, with TVM's own formula (its legalization of the op):
-    ``astype(clip(round(x / s) + z, lo, hi), out)``; ``s``/``z`` Relax expressions, ``z`` float32."""
+    ``astype(clip(round(x / s) + z, lo, hi), out)``; ``s``/``z`` Relax expressions, ``z`` float32.
+    ``reciprocal`` (``s`` a constant): ``round(x * (1 / s))`` instead, see :func:`reciprocal_scales`."""
     from tvm import relax
 
     R = relax.op
     f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731
-    return R.astype(R.maximum(R.minimum(R.add(R.round(R.divide(x, s)), z), f32(hi)), f32(lo)), out)
+    if reciprocal:
+        scaled = R.multiply(x, f32(np.float32(1) / _const_value(s, None).reshape(()).astype(np.float32)))
+    else:
+        scaled = R.divide(x, s)
+    return R.astype(R.maximum(R.minimum(R.add(R.round(scaled), z), f32(hi)), f32(lo)), out)
 
 
 def _to_int8(q, zp: Any):
@@ -577,6 +582,41 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
             new = relax.transform.EliminateCommonSubexpr()(tvm.IRModule({"main": new}))["main"]
         if not new.same_as(func):
             out[gv] = relax.analysis.remove_all_unused(new)
+    return out
+
+
+def reciprocal_scales(mod):
+    """Every written-out quantize with a constant scale multiplies by ``1 / s`` instead of dividing
+    by ``s``: ``round(x * (1 / s))``. A division per element is the slowest instruction of the
+    requantize epilogue (x86 ``vdivps``: one per 10 cycles for 16 lanes). MobileNetV2's int8 conv
+    kernels took 10% less time in total (2.61 -> 2.36 ms, kernels timed alone).
+
+    Not bit-exact: ``x * (1 / s)`` is within an ulp or so of ``x / s``, so an output moves by one
+    step where ``x / s`` lies that close to a rounding tie (:func:`fold_epilogues`' rewrites are
+    exact, this one is not). ONNX Runtime's own int8 kernels (QLinearConv, QLinearMatMul) also
+    requantize by multiplying with a precomputed scale.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    w = {k: wildcard() for k in ("x", "s", "z", "hi", "lo")}
+    quantize = is_op("relax.astype")(is_op("relax.maximum")(is_op("relax.minimum")(is_op("relax.add")(
+        is_op("relax.round")(is_op("relax.divide")(w["x"], w["s"])), w["z"]), w["hi"]), w["lo"]))
+
+    def rewrite(orig, m):
+        s, hi, lo = (_const_value(m[w[k]], None) for k in ("s", "hi", "lo"))
+        if any(v is None or v.size != 1 or v.dtype != np.float32 for v in (s, hi, lo)) or not s.reshape(()) > 0:
+            return orig
+        return written_quantize(m[w["x"]], m[w["s"]], m[w["z"]], float(hi.reshape(())), float(lo.reshape(())),
+                                _dtype(orig), reciprocal=True)
+
+    out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            new = rewrite_call(quantize, rewrite, func)
+            if not new.same_as(func):
+                out[gv] = new
     return out
 
 

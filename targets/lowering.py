@@ -455,6 +455,22 @@ def relax_pipeline(target: Target, default_schedules: bool = True):
     return relax.get_pipeline(target.default_pipeline)
 
 
+def vectorizable_rounding() -> None:
+    """Mark TIR's ``nearbyint`` (the ``round`` of every quantize) vectorizable.
+
+    TVM 0.27 registers ``TVectorizable`` for ``round``/``floor``/… but not for ``nearbyint``, so its
+    vectorizer turned every loop holding one into a scalar loop, which LLVM then vectorized at its
+    preferred 256 bits (or not at all). Each lane stays ``llvm.nearbyint`` (round half to even in
+    the default rounding mode): the same bits. Measured on MobileNetV2's int8 bundle (host,
+    AVX-512): 3.50 -> 3.17 ms with the per-register int32 write-back of ``cpu_schedules``.
+    Process-wide: an op attribute cannot be scoped; GPU codegens emit the same vector call.
+    """
+    import tvm
+
+    if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
+        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
+
+
 def prepare_module(relax_model: RelaxModel, target: Target, int8_arith: bool | None = None, fast_math: bool | None = None):
     """The Relax module that is compiled (and tuned: a tuning database matches it structurally).
 
@@ -465,9 +481,12 @@ def prepare_module(relax_model: RelaxModel, target: Target, int8_arith: bool | N
     ``int8_arith=True`` rewrites QDQ dequantize → matmul/conv2d sites into int8×int8 → int32
     arithmetic (:func:`edgecomp.targets.int8.rewrite_int8`, weight-only zero-point terms and scale
     products folded for ``relax_model.params``, so the code is tied to those weights), then shortens
-    the requantize epilogues (:func:`edgecomp.targets.int8.fold_epilogues`). GPU targets get C-safe
+    the requantize epilogues (:func:`edgecomp.targets.int8.fold_epilogues`, exact) and multiplies by
+    each quantize's reciprocal scale (:func:`edgecomp.targets.int8.reciprocal_scales`, within one
+    step of dividing). GPU targets get C-safe
     parameter names (their kernel source is C).
     """
+    vectorizable_rounding()
     mod = relax_model.mod
     if fast_math if fast_math is not None else target.default_pipeline == "cpu":
         from tvm import relax
@@ -475,13 +494,13 @@ def prepare_module(relax_model: RelaxModel, target: Target, int8_arith: bool | N
         mod = relax.transform.FastMathTransform()(mod)
     if int8_arith:
         from edgecomp.targets.cpu_schedules import int8_dot
-        from edgecomp.targets.int8 import fold_epilogues, rewrite_int8
+        from edgecomp.targets.int8 import fold_epilogues, reciprocal_scales, rewrite_int8
 
         dot = int8_dot(target.tvm()) if target.default_pipeline == "cpu" else None
         params = dict(zip(relax_model.param_names, relax_model.params))
         mod, stats = rewrite_int8(mod, params, fold_weight_terms=True, unsigned_activations=dot is not None and dot[2] == "uint8")
         log.info("int8 arithmetic: %d of %d dequantize→matmul/conv2d sites rewritten", stats.rewritten, stats.matched)
-        mod = fold_epilogues(mod, params)
+        mod = reciprocal_scales(fold_epilogues(mod, params))
     if target.device_kind.kernel_file is not None:
         from edgecomp.targets.kernels import safe_param_names
 

@@ -631,3 +631,47 @@ def test_fold_epilogues_clamp_edge_cases(a, b, s, z):
     xs = (np.arange(4096, dtype=np.float32) - 2048) * np.float32(s / 4)  # every quarter step: ties included
     run = lambda m: tvm.relax.VirtualMachine(_compile(m), tvm.cpu())["main"](tvm.runtime.tensor(xs)).numpy()  # noqa: E731
     np.testing.assert_array_equal(run(folded), run(mod))
+
+
+def test_reciprocal_scales_and_vector_rounding():
+    """reciprocal_scales turns a written-out quantize's division into a multiplication by 1/s
+    (within one step of dividing, the same bits away from rounding ties), and the CPU build rounds
+    16 lanes at a time (``vrndscaleps`` on zmm: TIR's nearbyint marked vectorizable) with numpy's
+    bits."""
+    from tvm import relax
+
+    from edgecomp.targets.cpu_schedules import int8_dot
+    from edgecomp.targets.int8 import reciprocal_scales, written_quantize
+    from edgecomp.targets.lowering import cpu_pipeline, vectorizable_rounding
+
+    s, z = np.float32(0.0235), np.float32(-3.0)
+    bb = relax.BlockBuilder()
+    y = relax.Var("y", relax.TensorType((4096,), "float32"))
+    with bb.function("main", [y]):
+        with bb.dataflow():
+            q = bb.emit_output(written_quantize(y, relax.const(s), relax.const(z), 127.0, -128.0, "int8"))
+        bb.emit_func_output(q)
+    mod = bb.get()
+    fast = reciprocal_scales(mod)
+
+    def ops(m) -> set:
+        found = set()
+        relax.analysis.post_order_visit(m["main"].body, lambda e: isinstance(e, relax.Call) and found.add(e.op.name))
+        return found
+
+    assert "relax.divide" in ops(mod) and "relax.divide" not in ops(fast) and "relax.multiply" in ops(fast)
+    vectorizable_rounding()  # (prepare_module does this before every build)
+    avx512 = tvm.target.Target(VNNI_TARGET)
+    executable = tvm.compile(fast, target=avx512, relax_pipeline=cpu_pipeline(avx512))
+    assert re.search(r"^\s*vrndscaleps\s.*%zmm", _asm(executable), re.M)
+    if int8_dot(HOST.tvm()) != int8_dot(avx512):
+        pytest.skip("this CPU has no AVX-512 VNNI: compiled, not run")
+    run = lambda e, x: tvm.relax.VirtualMachine(e, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy().astype(int)  # noqa: E731
+    divided = _compile(mod)
+    ties = (np.arange(4096, dtype=np.float32) - 2048) * (s / np.float32(2))  # on and around every .5 tie
+    noise = np.random.default_rng(SEED + 41).uniform(-3.5, 3.5, 4096).astype(np.float32)
+    for x in (ties, noise):
+        got = run(executable, x)
+        np.testing.assert_array_equal(got, np.clip(np.rint(x * (np.float32(1) / s)) + z, -128, 127))
+        assert np.abs(got - run(divided, x)).max() <= 1
+    assert np.array_equal(run(executable, noise), run(divided, noise))

@@ -461,9 +461,10 @@ def vectorizable_rounding() -> None:
     TVM 0.27 registers ``TVectorizable`` for ``round``/``floor``/… but not for ``nearbyint``, so its
     vectorizer turned every loop holding one into a scalar loop, which LLVM then vectorized at its
     preferred 256 bits (or not at all). Each lane stays ``llvm.nearbyint`` (round half to even in
-    the default rounding mode): the same bits. Measured on MobileNetV2's int8 bundle (host,
-    AVX-512): 3.50 -> 3.17 ms with the per-register int32 write-back of ``cpu_schedules``.
-    Process-wide: an op attribute cannot be scoped; GPU codegens emit the same vector call.
+    the default rounding mode): the same bits. MobileNetV2's int8 bundle (host, AVX-512): 3.50 ->
+    3.05 ms with this, the per-register int32 write-back of ``cpu_schedules`` and
+    :func:`edgecomp.targets.int8.reciprocal_scales`. Process-wide: an op attribute cannot be
+    scoped. The CUDA codegen writes a vector ``nearbyint`` out lane by lane (``nearbyintf(v.x)``, …).
     """
     import tvm
 

@@ -316,3 +316,24 @@ def test_a_failed_channels_last_conversion_keeps_nchw(monkeypatch, caplog):
         rm = to_relax(model, {"x": x.shape}, {"x": "float32"}, channels_last_convs=True)
     assert "kept NCHW" in caplog.text and "no layout rule" in caplog.text
     assert 'data_layout="NCHW"' in rm.mod["main"].script() and not rm.layouts.keys() - {"Wc"}
+
+
+@pytest.mark.parametrize("channels,hw", [(144, 56), (192, 28)])
+def test_depthwise_tiles_fit_the_registers(channels, hw):
+    """MobileNetV2's wide 3x3 depthwise convs (NHWC, AVX-512): the tile's accumulators and one
+    kernel row of weight vectors fit the 32 zmm registers, so the compiled kernel keeps no vector
+    on the stack (the 24-accumulator tiles spilled 78 and 115 zmm), and matches ONNX Runtime."""
+    from edgecomp.targets.lowering import cpu_pipeline
+
+    model = conv_block(channels, channels, hw, 3, 1, channels)
+    rm = to_relax(model, {"x": (1, channels, hw, hw)}, {"x": "float32"}, channels_last_convs=True)
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+    ex = tvm.compile(prepare_module(rm, HOST), target=avx512, relax_pipeline=cpu_pipeline(avx512))
+    asm = "".join(m.inspect_source("asm") for m in [ex.mod, *ex.mod.imports] if m.kind == "llvm")
+    # the functions doing FMAs: the conv's tiles (not the layout transposes around it)
+    asm = "".join(f for f in re.split(r"\.type\s+\S+,@function", asm) if re.search(r"vfmadd\d+ps\s+.*%zmm", f))
+    assert asm
+    spills = re.findall(r"^\s*vmov\w*\s+(?:%zmm\d+, *-?\w*\(%rsp\)|-?\w*\(%rsp\), *%zmm\d+)", asm, re.M)
+    assert not spills, spills[:4]
+    x = RNG.standard_normal((1, channels, hw, hw)).astype(np.float32)
+    np.testing.assert_allclose(_tvm(model, x, channels_last=True), _ort(model, x), atol=1e-4, rtol=1e-4)

@@ -227,7 +227,7 @@ def _rules():
         depthwise tiles of 24 accumulators spilled 78 and 115 zmm to the stack: 0.100 -> 0.088 and
         0.037 -> 0.025 ms with the smaller tiles, its fp32 depthwise kernels 7% less in total)."""
         width = largest_divisor(n_vec, lanes)
-        registers = budget * 4 // 3
+        registers = budget * 4 // 3  # accumulators() takes 24 of 32 (12 of 16) vector registers
         best = None
         for v in divisors(n_vec // width, 6):
             for r in divisors(n_reg, budget // v):

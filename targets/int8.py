@@ -125,6 +125,17 @@ def written_quantize(x, s, z, hi: float, lo: float, out: str, reciprocal: bool =
     return R.astype(R.maximum(R.minimum(R.add(R.round(scaled), z), f32(hi)), f32(lo)), out)
 
 
+def _written_quantize_pattern(x, w: dict):
+    """A ``tvm.relax.dpl`` pattern of :func:`written_quantize` (dividing by the scale) applied to
+    ``x``: ``astype(maximum(minimum(add(round(divide(x, s)), z), hi), lo))``, the wildcards ``s``,
+    ``z``, ``hi``, ``lo`` taken from ``w``."""
+    from tvm.relax.dpl import is_op
+
+    rounded = is_op("relax.round")(is_op("relax.divide")(x, w["s"]))
+    return is_op("relax.astype")(is_op("relax.maximum")(is_op("relax.minimum")(
+        is_op("relax.add")(rounded, w["z"]), w["hi"]), w["lo"]))
+
+
 def _to_int8(q, zp: Any):
     """(int8 tensor, int8-domain zero point) for an int8/uint8 tensor; uint8 shifts by -128."""
     from tvm import relax
@@ -441,13 +452,10 @@ def fold_epilogues(mod, params: Mapping[str, np.ndarray]):
         value = _const_value(expr, None)
         return value if value is not None and value.size == 1 else None
 
-    # the written-out quantize: astype(maximum(minimum(add(round(divide(x, s)), z), hi), lo))
     w = {k: wildcard() for k in ("x", "y", "s", "z", "hi", "lo", "a", "b", "d")}
 
     def quantize_of(x):
-        rounded = is_op("relax.round")(is_op("relax.divide")(x, w["s"]))
-        return is_op("relax.astype")(is_op("relax.maximum")(is_op("relax.minimum")(
-            is_op("relax.add")(rounded, w["z"]), w["hi"]), w["lo"]))
+        return _written_quantize_pattern(x, w)
 
     quantize = quantize_of(w["x"])
 
@@ -598,11 +606,10 @@ def reciprocal_scales(mod):
     """
     import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import rewrite_call, wildcard
 
     w = {k: wildcard() for k in ("x", "s", "z", "hi", "lo")}
-    quantize = is_op("relax.astype")(is_op("relax.maximum")(is_op("relax.minimum")(is_op("relax.add")(
-        is_op("relax.round")(is_op("relax.divide")(w["x"], w["s"])), w["z"]), w["hi"]), w["lo"]))
+    quantize = _written_quantize_pattern(w["x"], w)
 
     def rewrite(orig, m):
         s, hi, lo = (_const_value(m[w[k]], None) for k in ("s", "hi", "lo"))

@@ -7,6 +7,7 @@ model, in one process and one run.
     python tools/bench_tune.py --trials mobilenetv2=192        # the budgets of bench/results/tune-2026-11-27
     python tools/bench_tune.py --quick --trials digits-cnn=8 --lowrank-trials 8 --out /tmp/bench-tune   # smoke test
     python tools/bench_tune.py --models minilm --trials minilm=64 --int8-trials 64   # MiniLM fp32 and int8 rows
+    python tools/bench_tune.py --models minilm --lowrank-onnx minilm=bench/cache/distill-flops/minilm-lowrank-distilled.onnx
     python tools/bench_tune.py --report-only bench/results/tune-<date>.json
 
 Per model (batch 1, host target, inputs and reference from the model's eval split):
@@ -26,7 +27,9 @@ Per model (batch 1, host target, inputs and reference from the model's eval spli
 (``edgecomp.api._front``: import, fixed shapes, the default cleanup passes, each checked against
 ONNX Runtime) then ``to_relax`` with the host's layout (NHWC convs, HWIO weights stored so). For digits-cnn (and the models of ``--lowrank-models``) the same
 rows are measured for the low-rank graph (``--lowrank``, default ``erank:1.0``: the graph ``edgecomp build --lowrank
-erank:1.0`` compiles), tuned into its own database with ``--lowrank-trials``. For minilm (and the models of
+erank:1.0`` compiles), tuned into its own database with ``--lowrank-trials``. ``--lowrank-onnx MODEL=PATH`` gives MODEL a
+low-rank row that compiles a trained low-rank ONNX file instead (factorized and distilled by ``tools/train_distill.py``:
+a factorization alone is too far from the original to deploy), its outputs checked against the original model. For minilm (and the models of
 ``--int8-models``) the same rows are measured for the int8 graph (``--int8``, default ``minmax``, calibrated on the
 model's calib split) compiled with int8 arithmetic: what ``edgecomp build --int8 minmax --int8-arith`` compiles
 (the ``plain`` column: TVM's pipeline on the QDQ graph as imported, dequantize → fp32).
@@ -168,6 +171,17 @@ def _max_abs(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> float
     return worst
 
 
+def _min_cosine(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> float:
+    """The smallest cosine similarity between an output and its reference, over samples and outputs
+    (the accuracy measure of an embedding model such as MiniLM, where max abs says little)."""
+    worst = 1.0
+    for g_row, w_row in zip(got, want):
+        for g, w in zip(g_row, w_row):
+            g, w = np.asarray(g, dtype=np.float64).ravel(), np.asarray(w, dtype=np.float64).ravel()
+            worst = min(worst, float(g @ w / max(np.linalg.norm(g) * np.linalg.norm(w), 1e-30)))
+    return worst
+
+
 def _db_health(folder: Path, names: Callable[[], dict[str, str]]) -> dict[str, Any]:
     """Records in a tuning database, how many are failed candidates (run time 1e10 s, MetaSchedule's
     mark for a build or run error), and how many workloads have no valid record."""
@@ -281,6 +295,7 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
     row["untuned"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
     if original_ref is not None:
         row["untuned"]["max_abs_vs_original"] = _max_abs(out, original_ref)
+        row["untuned"]["min_cosine_vs_original"] = _min_cosine(out, original_ref)
     _log(f"[{case.label}] untuned: {lat['median_ms']:.4f} ms (compile {row['untuned_compile_s']} s), "
          f"max abs {row['untuned']['max_abs_vs_ort']:.2e}")
     del ex
@@ -316,6 +331,7 @@ def _measure_tuned(case: _Case, db: Path, args, original_ref) -> dict[str, Any]:
     row["tuned"] = {**lat, "max_abs_vs_ort": _max_abs(out, case.reference)}
     if original_ref is not None:
         row["tuned"]["max_abs_vs_original"] = _max_abs(out, original_ref)
+        row["tuned"]["min_cosine_vs_original"] = _min_cosine(out, original_ref)
     return row
 
 
@@ -345,36 +361,59 @@ def _measure_in_child(name: str, db_root: Path, argv: list[str]) -> dict[str, An
     return _in_fresh_process(argv, ["--db", str(db_root), "--child", name], f"measuring {name}")
 
 
-def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None, int8: str | None = None):
-    """The graph ``edgecomp build`` compiles (and its input specs, pass records)."""
+def _front(assets, shapes: dict[str, tuple[int, ...]], lowrank: str | None, int8: str | None = None,
+           source: Path | None = None):
+    """The graph ``edgecomp build`` compiles (and its input specs, pass records); ``source``: an ONNX
+    file compiled instead of the model's own (a trained low-rank model of ``--lowrank-onnx``)."""
     from edgecomp.api import _front as build_front
     from edgecomp.numerics import Tolerance
     from edgecomp.progress import Progress
 
-    fr = build_front(assets.onnx, None, shapes, assets.eval, 8, assets.calib, lowrank, int8, None, None, None,
+    fr = build_front(source or assets.onnx, None, shapes, assets.eval, 8, assets.calib, lowrank, int8, None, None, None,
                      int8 is not None, Tolerance(), None, Progress(enabled=False))
     return fr
 
 
-def _case(label: str, assets, shapes, lowrank: str | None, feeds, threads: int, int8: str | None = None):
+def _case(label: str, assets, shapes, lowrank: str | None, feeds, threads: int, int8: str | None = None,
+          source: Path | None = None):
     """The ``_Case`` of one row (the graph ``edgecomp build`` compiles) and its front-half result;
-    ``int8``: the int8 pass's method, compiled with int8 arithmetic."""
+    ``int8``: the int8 pass's method, compiled with int8 arithmetic; ``source``: see :func:`_front`."""
     from edgecomp.targets import get_target
     from edgecomp.targets.lowering import to_relax, wants_channels_last
 
-    fr = _front(assets, shapes, lowrank, int8)
+    fr = _front(assets, shapes, lowrank, int8, source)
     specs = ({s.name: s.shape for s in fr.in_specs}, {s.name: s.dtype for s in fr.in_specs})
     rm = to_relax(fr.final, *specs, channels_last_convs=wants_channels_last(get_target("host")), int8_arith=int8 is not None)
     return _Case(label, fr.final, rm, to_relax(fr.final, *specs), fr.in_specs, feeds, threads, int8 is not None), fr
 
 
+def _lowrank_onnx(args) -> dict[str, Path]:
+    """``--lowrank-onnx MODEL=PATH,...``: models whose low-rank row compiles a trained low-rank ONNX
+    file (e.g. factorized then distilled by ``tools/train_distill.py``) instead of ``--lowrank``'s pass."""
+    out = {}
+    for item in (args.lowrank_onnx or "").split(","):
+        if item.strip():
+            name, sep, path = item.partition("=")
+            if not sep or not Path(path).is_file():
+                raise SystemExit(f"--lowrank-onnx {item!r}: expected MODEL=PATH of an existing ONNX file")
+            out[name.strip()] = Path(path).resolve()
+    return out
+
+
 def _variant_of(label: str, args) -> tuple[str, str | None, str | None]:
-    """(model name, low-rank policy, int8 method) of a row label (``NAME``, ``NAME-lowrank``, ``NAME-int8``)."""
+    """(model name, low-rank policy, int8 method) of a row label (``NAME``, ``NAME-lowrank``, ``NAME-int8``).
+    A model of ``--lowrank-onnx`` has no policy: its low-rank row's graph comes factorized (:func:`_source_of`)."""
     if label.endswith("-lowrank"):
-        return label.removesuffix("-lowrank"), args.lowrank, None
+        name = label.removesuffix("-lowrank")
+        return name, (None if name in _lowrank_onnx(args) else args.lowrank), None
     if label.endswith("-int8"):
         return label.removesuffix("-int8"), None, args.int8
     return label, None, None
+
+
+def _source_of(label: str, args) -> Path | None:
+    """The ONNX file a row compiles instead of its model's own (``--lowrank-onnx``), or None."""
+    return _lowrank_onnx(args).get(label.removesuffix("-lowrank")) if label.endswith("-lowrank") else None
 
 
 def _model_inputs(name: str, args):
@@ -405,18 +444,21 @@ def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_r
 
     rows = []
     variants = [(name, trials)]
-    if name in args.lowrank_models.split(",") and args.lowrank and lowrank_trials > 0:
+    if (name in _lowrank_onnx(args) or name in args.lowrank_models.split(",") and args.lowrank) and lowrank_trials > 0:
         variants.append((f"{name}-lowrank", lowrank_trials))
     if name in args.int8_models.split(",") and args.int8 and int8_trials > 0:
         variants.append((f"{name}-int8", int8_trials))
     for label, n in variants:
         _, lowrank, int8 = _variant_of(label, args)
-        lossy = bool(lowrank or int8)
+        source = _source_of(label, args)
+        lossy = bool(lowrank or int8 or source)
         try:
-            case, fr = _case(label, assets, shapes, lowrank, feeds, threads, int8)
+            case, fr = _case(label, assets, shapes, lowrank, feeds, threads, int8, source)
             rm = case.rm
             row = _run_case(case, n, db_root, args, original_ref if lossy else None)
             row["lowrank"], row["int8"] = lowrank, int8
+            if source is not None:
+                row["lowrank_onnx"] = _describe_source(source)
             row["params"] = int(sum(p.size for p in rm.params))
             if lossy:
                 row["ort_same_graph"] = _time_ort(case.sess, feeds[0], args.block_ms, args.repeat)
@@ -431,7 +473,31 @@ def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_r
     return result
 
 
+def _describe_source(path: Path) -> dict[str, Any]:
+    """What a ``--lowrank-onnx`` file is: its path, hash and weights (constant MatMul/Gemm operands),
+    and the policy of the stamp ``tools/train_distill.py`` leaves beside the factorized model it
+    distilled (``minilm-lowrank-distilled.onnx`` → ``minilm-lowrank.json``)."""
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(str(path))
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    matmul = {i for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input[:2] if i in sizes}
+    info: dict[str, Any] = {"path": str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path),
+                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                            "matmul_params": sum(sizes[k] for k in matmul), "params": sum(sizes.values())}
+    stamp = path.with_name(path.stem.removesuffix("-distilled") + ".json")
+    if stamp.is_file():
+        info["factorized_with"] = json.loads(stamp.read_text()).get("stamp")
+    return info
+
+
 def _row_title(model: str, row: dict[str, Any]) -> str:
+    if row.get("lowrank_onnx"):
+        src = row["lowrank_onnx"]
+        how = (src.get("factorized_with") or {}).get("policy")
+        return f"{model} low rank (trained: `{src['path']}`{', ' + how if how else ''})"
     if row.get("lowrank"):
         return f"{model} low rank ({row['lowrank']})"
     if row.get("int8"):
@@ -506,10 +572,17 @@ def _report(doc: dict[str, Any]) -> str:
                 continue
             tu = row["tuning"]
             extra = ""
-            if row.get("lowrank") or row.get("int8"):
-                graph = "low-rank" if row.get("lowrank") else "QDQ int8 (its own int8 kernels)"
+            if row.get("lowrank") or row.get("int8") or row.get("lowrank_onnx"):
+                graph = "QDQ int8 (its own int8 kernels)" if row.get("int8") else "low-rank"
                 extra = (f"; ORT on the {graph} graph {_fmt(row['ort_same_graph'])} ms; max abs vs the original model: "
                          f"untuned {row['untuned']['max_abs_vs_original']:.2e}, tuned {row['tuned']['max_abs_vs_original']:.2e}")
+                if "min_cosine_vs_original" in row["tuned"]:
+                    extra += (f"; min cosine vs the original model: untuned {row['untuned']['min_cosine_vs_original']:.4f}, "
+                              f"tuned {row['tuned']['min_cosine_vs_original']:.4f}")
+                if row.get("lowrank_onnx"):
+                    src = row["lowrank_onnx"]
+                    extra += (f"; compiles `{src['path']}` (sha256 {src['sha256'][:12]}…, MatMul/Gemm weights "
+                              f"{src['matmul_params']:,}, all initializers {src['params']:,})")
             lines.append(
                 f"- {row['label']}: {row['params']:,} params; {tu['tasks']} task(s) ({tu['workloads']} with records), {tu['trials_run']} trials "
                 f"(budget {tu['trials_requested']}) in {tu['wall_s']:.0f} s, {tu['failed_candidates']} failed candidate(s), "
@@ -520,16 +593,17 @@ def _report(doc: dict[str, Any]) -> str:
                 f"; timing number×repeat ORT {r['ort']['number']}×{r['ort']['repeat']}, untuned "
                 f"{row['untuned']['number']}×{row['untuned']['repeat']}, tuned {row['tuned']['number']}×{row['tuned']['repeat']}{extra}"
             )
-    dense = {r["model"]: next((x for x in r["rows"] if not x.get("lowrank") and not x.get("int8") and "error" not in x), None)
+    dense = {r["model"]: next((x for x in r["rows"] if not x.get("lowrank") and not x.get("lowrank_onnx") and not x.get("int8")
+                               and "error" not in x), None)
              for r in doc["results"] if "error" not in r}
     for r in doc["results"]:
         if "error" in r:
             continue
         for row in r["rows"]:
             d = dense.get(r["model"])
-            if (row.get("lowrank") or row.get("int8")) and "error" not in row and d is not None:
+            if (row.get("lowrank") or row.get("lowrank_onnx") or row.get("int8")) and "error" not in row and d is not None:
                 lines.append(
-                    f"- {r['model']}: {'low rank' if row.get('lowrank') else 'int8'} vs dense fp32, untuned {row['untuned']['median_ms']:.3f} vs "
+                    f"- {r['model']}: {'int8' if row.get('int8') else 'low rank'} vs dense fp32, untuned {row['untuned']['median_ms']:.3f} vs "
                     f"{d['untuned']['median_ms']:.3f} ms ({row['untuned']['median_ms'] / d['untuned']['median_ms']:.2f}×), "
                     f"tuned {row['tuned']['median_ms']:.3f} vs {d['tuned']['median_ms']:.3f} ms "
                     f"({row['tuned']['median_ms'] / d['tuned']['median_ms']:.2f}×)"
@@ -575,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="trial budget per model (default " + ",".join(f"{k}={v}" for k, v in DEFAULT_TRIALS.items()) + ")")
     ap.add_argument("--lowrank", default="erank:1.0", help="low-rank policy of the extra low-rank rows ('' = none)")
     ap.add_argument("--lowrank-models", default=",".join(LOWRANK_MODELS), help="models that get a low-rank row (default digits-cnn)")
+    ap.add_argument("--lowrank-onnx", default=None, metavar="MODEL=PATH,...",
+                    help="models whose low-rank row compiles this trained low-rank ONNX file (e.g. tools/train_distill.py's) "
+                         "instead of applying --lowrank; outputs checked against the model's original")
     ap.add_argument("--lowrank-trials", type=int, default=None, help="trial budget of the low-rank graph (default: the model's)")
     ap.add_argument("--int8", default="minmax", help="int8 method of the extra int8 rows, compiled with int8 arithmetic ('' = none)")
     ap.add_argument("--int8-models", default=",".join(INT8_MODELS), help="models that get an int8 row (default minilm)")
@@ -607,10 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tuned_child:  # one row's tuned build, timed in this fresh process (see _tuned_in_child)
         label, db, dest = args.tuned_child
         name, lowrank, int8 = _variant_of(label, args)
+        source = _source_of(label, args)
         assets, shapes, feeds = _model_inputs(name, args)
-        case, _ = _case(label, assets, shapes, lowrank, feeds, threads, int8)
+        case, _ = _case(label, assets, shapes, lowrank, feeds, threads, int8, source)
         original_ref = None
-        if lowrank or int8:
+        if lowrank or int8 or source:
             sess = _ort_session(assets.onnx, threads)
             original_ref = [sess.run(None, f) for f in feeds]
         Path(dest).write_text(json.dumps(_measure_tuned(case, Path(db), args, original_ref)))
@@ -649,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             "warm_up_s": None if warm_up is None else round(warm_up, 1),
             "trials": {m: trials.get(m, 64) for m in models},
             "lowrank_trials": args.lowrank_trials,
+            "lowrank_onnx": args.lowrank_onnx,
             "int8": args.int8,
             "int8_trials": args.int8_trials,
             "note": args.note,

@@ -48,10 +48,12 @@ row). TVM's own default is half of the logical CPUs on x86 (it assumes hyper-thr
 on this 2-vCPU VM, which made every TVM row before 2026-11-28 a one-core measurement against a
 two-core ONNX Runtime. MetaSchedule tunes for the same count (``num-cores``).
 
-Each model is measured in a process of its own, and each tuned build is timed in another fresh
-process (a tuning run leaves MetaSchedule's worker process and thread pools behind: MobileNetV2's
-untuned latency measured after digits-cnn's tuning in the same process read 9.8 ms, 6.4 ms in a
-fresh one).
+Each model is measured in a process of its own, its rows' untuned columns before any of its tuning
+runs, and each tuned build is timed in another fresh process (a tuning run leaves MetaSchedule's
+worker process and thread pools behind: MobileNetV2's untuned latency measured after digits-cnn's
+tuning in the same process read 9.8 ms, 6.4 ms in a fresh one; MiniLM's low-rank row, untuned after
+the dense row's tuning, 14.4 ms, 10.8–11.8 in a fresh process: ``tune-2026-11-28-lowrank-a``). The
+runs before that one measured each row's untuned column after the previous rows' tuning.
 
 Numerics: the outputs of the untuned and the tuned code on ``--check-samples`` eval samples
 against ONNX Runtime on the same graph (max abs error), so a wrong schedule cannot pass as
@@ -271,11 +273,11 @@ def _measure_exe(case: _Case, ex, block_ms: float, repeat: int, plain: bool = Fa
     return latency, outputs
 
 
-def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> dict[str, Any]:
-    from edgecomp.progress import Progress
+def _run_untuned(case: _Case, args, original_ref) -> dict[str, Any]:
+    """The plain and untuned columns of a row (run for every row of a model before any tuning:
+    see :func:`_measure`)."""
     from edgecomp.targets import get_target
     from edgecomp.targets.lowering import compile_relax
-    from edgecomp.targets.tuning import tune
 
     host = get_target("host")
     row: dict[str, Any] = {"label": case.label}
@@ -298,8 +300,16 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
         row["untuned"]["min_cosine_vs_original"] = _min_cosine(out, original_ref)
     _log(f"[{case.label}] untuned: {lat['median_ms']:.4f} ms (compile {row['untuned_compile_s']} s), "
          f"max abs {row['untuned']['max_abs_vs_ort']:.2e}")
-    del ex
+    return row
 
+
+def _run_tuning(case: _Case, row: dict[str, Any], trials: int, db_root: Path, args) -> None:
+    """Tune ``case`` into its own database, then time the tuned build in a fresh process (into ``row``)."""
+    from edgecomp.progress import Progress
+    from edgecomp.targets import get_target
+    from edgecomp.targets.tuning import tune
+
+    host = get_target("host")
     db = db_root / case.label
     _log(f"[{case.label}] tuning: {trials} trials into {db} ...")
     # MetaSchedule's dictConfig leaves its logger at DEBUG after a tuning run, and its console handler
@@ -315,7 +325,6 @@ def _run_case(case: _Case, trials: int, db_root: Path, args, original_ref) -> di
          f"{row['tuning']['workloads_without_valid_record']} workload(s) without a valid record)")
     row.update(_tuned_in_child(case.label, db, args))
     _log(f"[{case.label}] tuned: {row['tuned']['median_ms']:.4f} ms, max abs {row['tuned']['max_abs_vs_ort']:.2e}")
-    return row
 
 
 def _measure_tuned(case: _Case, db: Path, args, original_ref) -> dict[str, Any]:
@@ -448,18 +457,23 @@ def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_r
         variants.append((f"{name}-lowrank", lowrank_trials))
     if name in args.int8_models.split(",") and args.int8 and int8_trials > 0:
         variants.append((f"{name}-int8", int8_trials))
-    for label, n in variants:
+    # Every row's plain and untuned columns first, then the tuning runs: a tuning run leaves
+    # MetaSchedule's worker process and thread pools behind, which slowed an untuned row measured
+    # after it in the same process (MiniLM low rank: 14.4 ms after the dense row's tuning, 10.8–11.8 in
+    # a fresh process; see the module docstring).
+    cases: list[_Case | None] = []
+    for label, _n in variants:
         _, lowrank, int8 = _variant_of(label, args)
         source = _source_of(label, args)
         lossy = bool(lowrank or int8 or source)
+        case = None
         try:
             case, fr = _case(label, assets, shapes, lowrank, feeds, threads, int8, source)
-            rm = case.rm
-            row = _run_case(case, n, db_root, args, original_ref if lossy else None)
+            row = _run_untuned(case, args, original_ref if lossy else None)
             row["lowrank"], row["int8"] = lowrank, int8
             if source is not None:
                 row["lowrank_onnx"] = _describe_source(source)
-            row["params"] = int(sum(p.size for p in rm.params))
+            row["params"] = int(sum(p.size for p in case.rm.params))
             if lossy:
                 row["ort_same_graph"] = _time_ort(case.sess, feeds[0], args.block_ms, args.repeat)
                 row["passes"] = [{"name": r.name, "params": list(r.params), "stats": r.stats} for r in fr.records if r.lossy]
@@ -467,8 +481,20 @@ def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_r
             import traceback
 
             traceback.print_exc()
-            row = {"label": label, "lowrank": lowrank, "int8": int8, "error": f"{type(err).__name__}: {err}"[:300]}
+            row, case = {"label": label, "lowrank": lowrank, "int8": int8, "error": f"{type(err).__name__}: {err}"[:300]}, None
         rows.append(row)
+        cases.append(case)
+    for i, ((label, n), case) in enumerate(zip(variants, cases)):
+        if case is None:
+            continue
+        try:
+            _run_tuning(case, rows[i], n, db_root, args)
+        except Exception as err:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            rows[i] = {"label": label, "lowrank": rows[i]["lowrank"], "int8": rows[i]["int8"],
+                       "error": f"{type(err).__name__}: {err}"[:300]}
     result["rows"] = rows
     return result
 

@@ -507,12 +507,13 @@ def markdown(doc: dict) -> str:
                          f"{e['seconds']:.0f} |")
         hist = doc.get("minilm_history") or []
         if hist:
-            lines += ["", "Earlier minilm runs (same day, same factorized model; kept from their own results):", "",
-                      "| command | starts from | training sentences | lr | trained | eval mean cosine per epoch (torch) | "
-                      "after (ORT) | min cosine after | distillation s |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", "Earlier minilm runs (same day, kept from their own results; each command names its policy, "
+                      "and the MatMul weights column says what it left):", "",
+                      "| command | MatMul weights | starts from | training sentences | lr | trained | eval mean cosine per epoch "
+                      "(torch) | after (ORT) | min cosine after | distillation s |", "|---|---|---|---|---|---|---|---|---|---|"]
             for h in hist:
                 if "finetune" not in h:  # --stop-after-factorize: scored, not trained
-                    lines.append(f"| `{h['command']}` | low rank | – | – | – | – | "
+                    lines.append(f"| `{h['command']}` | {h['params_after']['matmul']:,} | low rank | – | – | – | – | "
                                  f"{h['bench_metric_before']['mean_cosine']:.4f} (not trained) | "
                                  f"{h['bench_metric_before']['min_cosine']:.4f} | – |")
                     continue
@@ -520,7 +521,7 @@ def markdown(doc: dict) -> str:
                 data = f"{h.get('train_pydoc', h['train_sentences']):,} pydoc" + (
                     f" + {h['train_extra']:,} {h['extra_text']}" if h.get("train_extra") else "")
                 start = f"`{h['init_student']['path']}`" if h.get("init_student") else "low rank"
-                lines.append(f"| `{h['command']}` | {start} | {data} | {hf['settings']['lr']:g}"
+                lines.append(f"| `{h['command']}` | {h['params_after']['matmul']:,} | {start} | {data} | {hf['settings']['lr']:g}"
                              + (f" ({hf['settings']['schedule']})" if hf["settings"].get("schedule") else "")
                              + f" | {hf['settings']['train']} | "
                              + " / ".join(f"{e['eval_mean_cosine']:.4f}" for e in hf["epochs"])

@@ -7,7 +7,7 @@ model, in one process and one run.
     python tools/bench_tune.py --trials mobilenetv2=192        # the budgets of bench/results/tune-2026-11-27
     python tools/bench_tune.py --quick --trials digits-cnn=8 --lowrank-trials 8 --out /tmp/bench-tune   # smoke test
     python tools/bench_tune.py --models minilm --trials minilm=64 --int8-trials 64   # MiniLM fp32 and int8 rows
-    python tools/bench_tune.py --models minilm --lowrank-onnx minilm=bench/cache/distill-flops/minilm-lowrank-distilled.onnx
+    python tools/bench_tune.py --models minilm --lowrank-onnx minilm=bench/cache/distill-flops15/minilm-lowrank-distilled.onnx
     python tools/bench_tune.py --report-only bench/results/tune-<date>.json
 
 Per model (batch 1, host target, inputs and reference from the model's eval split):
@@ -694,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tuned-child", nargs=3, metavar=("LABEL", "DB", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    _lowrank_onnx(args)  # a bad --lowrank-onnx is a one-line error here, not a failed row in a child
     from edgecomp.threads import physical_cores
 
     threads = physical_cores()

@@ -398,7 +398,8 @@ def _case(label: str, assets, shapes, lowrank: str | None, feeds, threads: int, 
 
 def _lowrank_onnx(args) -> dict[str, Path]:
     """``--lowrank-onnx MODEL=PATH,...``: models whose low-rank row compiles a trained low-rank ONNX
-    file (e.g. factorized then distilled by ``tools/train_distill.py``) instead of ``--lowrank``'s pass."""
+    file (e.g. factorized then distilled by ``tools/train_distill.py``) instead of ``--lowrank``'s pass.
+    Parsed once by ``main`` into ``args.lowrank_sources``."""
     out = {}
     for item in (args.lowrank_onnx or "").split(","):
         if item.strip():
@@ -414,7 +415,7 @@ def _variant_of(label: str, args) -> tuple[str, str | None, str | None]:
     A model of ``--lowrank-onnx`` has no policy: its low-rank row's graph comes factorized (:func:`_source_of`)."""
     if label.endswith("-lowrank"):
         name = label.removesuffix("-lowrank")
-        return name, (None if name in _lowrank_onnx(args) else args.lowrank), None
+        return name, (None if name in args.lowrank_sources else args.lowrank), None
     if label.endswith("-int8"):
         return label.removesuffix("-int8"), None, args.int8
     return label, None, None
@@ -422,7 +423,7 @@ def _variant_of(label: str, args) -> tuple[str, str | None, str | None]:
 
 def _source_of(label: str, args) -> Path | None:
     """The ONNX file a row compiles instead of its model's own (``--lowrank-onnx``), or None."""
-    return _lowrank_onnx(args).get(label.removesuffix("-lowrank")) if label.endswith("-lowrank") else None
+    return args.lowrank_sources.get(label.removesuffix("-lowrank")) if label.endswith("-lowrank") else None
 
 
 def _model_inputs(name: str, args):
@@ -453,7 +454,7 @@ def _measure(name: str, trials: int, lowrank_trials: int, int8_trials: int, db_r
 
     rows = []
     variants = [(name, trials)]
-    if (name in _lowrank_onnx(args) or name in args.lowrank_models.split(",") and args.lowrank) and lowrank_trials > 0:
+    if (name in args.lowrank_sources or name in args.lowrank_models.split(",") and args.lowrank) and lowrank_trials > 0:
         variants.append((f"{name}-lowrank", lowrank_trials))
     if name in args.int8_models.split(",") and args.int8 and int8_trials > 0:
         variants.append((f"{name}-int8", int8_trials))
@@ -506,13 +507,12 @@ def _describe_source(path: Path) -> dict[str, Any]:
     import hashlib
 
     import onnx
+    from train_distill import layer_params  # tools/ (this script's folder) is on sys.path
 
-    model = onnx.load(str(path))
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-    matmul = {i for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input[:2] if i in sizes}
+    weights = layer_params(onnx.load(str(path)))
     info: dict[str, Any] = {"path": str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path),
                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                            "matmul_params": sum(sizes[k] for k in matmul), "params": sum(sizes.values())}
+                            "matmul_params": weights["matmul"], "params": weights["all"]}
     stamp = path.with_name(path.stem.removesuffix("-distilled") + ".json")
     if stamp.is_file():
         info["factorized_with"] = json.loads(stamp.read_text()).get("stamp")
@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tuned-child", nargs=3, metavar=("LABEL", "DB", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-    _lowrank_onnx(args)  # a bad --lowrank-onnx is a one-line error here, not a failed row in a child
+    args.lowrank_sources = _lowrank_onnx(args)  # a bad one is a one-line error here, not a failed row in a child
     from edgecomp.threads import physical_cores
 
     threads = physical_cores()
